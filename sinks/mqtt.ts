@@ -1,0 +1,173 @@
+// MQTT sink: one publish per notification, to a templated topic, as the notification's text,
+// its JSON, or a template. A broadcast sink: it never knows whether a phone's token is dead,
+// so it never reports dead-token.
+import { readFileSync } from 'node:fs';
+import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
+import type { MqttSinkConfig } from '../src/config.js';
+import { hasText, type PushNotification } from '../src/contract.js';
+import { compileTemplate, mqttTopicLevel } from '../src/template.js';
+import { autoBroker, type AutoBroker } from './mqtt-broker.js';
+import type { Outcome, SinkFactory, SinkState } from './types.js';
+
+const NOT_CONNECTED: Outcome = { kind: 'retryable', reason: 'broker_unavailable', detail: 'MQTT broker not connected' };
+const NO_TEXT: Outcome = { kind: 'skipped', reason: 'no_text' };
+const DELIVERED: Outcome = { kind: 'delivered' };
+
+export const createMqttSink: SinkFactory<MqttSinkConfig> = (name, config, { logger }) => {
+  const log = logger.child({ sink: name });
+  const topicOf = compileTemplate(config.topic, mqttTopicLevel);
+  const bodyOf = payloadRenderer(config);
+  let client: MqttClient | undefined;
+  let broker: AutoBroker | undefined;
+  let url = config.url;
+  let lastError: string | undefined;
+  let delay = config.reconnectMin;
+  // Senders waiting for the broker to come back; woken on 'connect'.
+  const waiting = new Set<() => void>();
+
+  function connect(): MqttClient {
+    const opts: IClientOptions = {
+      clientId: config.clientId ?? `push-relay-${name}-${process.pid}-${Math.random().toString(16).slice(2, 8)}`,
+      username: config.username,
+      password: config.password,
+      reconnectPeriod: config.reconnectMin,
+      connectTimeout: 5000,
+      clean: true,
+      // We decide what happens to a publish while the broker is away (the dispatcher's
+      // deadline and, later, the outbox); mqtt.js must not queue it behind our back.
+      queueQoSZero: false,
+      ...tlsOptions(config),
+    };
+    const c = mqtt.connect(url, opts);
+    c.on('connect', () => {
+      if (lastError !== undefined || delay !== config.reconnectMin) log.info({ url: redact(url) }, 'MQTT broker connected');
+      lastError = undefined;
+      delay = config.reconnectMin;
+      c.options.reconnectPeriod = delay;
+      for (const wake of waiting) wake();
+    });
+    c.on('error', (err) => {
+      if (lastError !== err.message) log.warn({ url: redact(url), err: err.message }, 'MQTT connection error; retrying');
+      lastError = err.message;
+    });
+    c.on('close', () => {
+      // Exponential backoff with jitter between reconnects (mqtt.js itself uses a fixed period).
+      delay = Math.min(config.reconnectMax, delay * 2);
+      c.options.reconnectPeriod = Math.round(delay * (0.5 + Math.random() / 2));
+    });
+    c.on('offline', () => log.warn({ url: redact(url) }, 'MQTT broker unreachable; notifications wait for it'));
+    return c;
+  }
+
+  function waitForConnect(signal: AbortSignal): Promise<boolean> {
+    return new Promise((resolve) => {
+      if (signal.aborted) return resolve(false);
+      const done = (ok: boolean) => {
+        waiting.delete(wake);
+        signal.removeEventListener('abort', abort);
+        resolve(ok);
+      };
+      const wake = () => done(true);
+      const abort = () => done(false);
+      waiting.add(wake);
+      signal.addEventListener('abort', abort, { once: true });
+    });
+  }
+
+  function publish(c: MqttClient, topic: string, body: string | Buffer): Promise<Outcome> {
+    return new Promise((resolve) => {
+      c.publish(topic, body, { qos: config.qos, retain: config.retain }, (err) => {
+        if (!err) return resolve(DELIVERED);
+        resolve({ kind: 'retryable', reason: 'publish_failed', detail: `MQTT publish failed: ${err.message}` });
+      });
+    });
+  }
+
+  return {
+    name,
+    type: 'mqtt',
+    perDevice: false,
+    reasons: [
+      ['delivered', ''],
+      ['skipped', 'no_text'],
+      ['retryable', 'broker_unavailable'],
+      ['retryable', 'publish_failed'],
+    ],
+
+    async start() {
+      if (config.url === 'auto') {
+        broker = await autoBroker(config.autoPort, log);
+        url = broker.url;
+        const filter = `${config.topic.split('/')[0]}/#`;
+        log.info(
+          `watch notifications with: mosquitto_sub -h 127.0.0.1 -p ${config.autoPort} -v -t '${filter.includes('{') ? '#' : filter}'`,
+        );
+      }
+      client = connect();
+      const c = client;
+      // Give the broker a moment so the first notifications do not race the connection;
+      // a broker that is down is reported by /readyz, not by refusing to start.
+      const first = new AbortController();
+      const timer = setTimeout(() => first.abort(), 3000);
+      const ok = await waitForConnect(first.signal);
+      clearTimeout(timer);
+      if (!ok && !c.connected) log.warn({ url: redact(url) }, 'MQTT broker not reachable yet; starting anyway');
+    },
+
+    state(): SinkState {
+      if (client?.connected) return { ready: true, state: 'connected' };
+      return { ready: false, state: client ? 'disconnected' : 'not started', ...(lastError ? { detail: lastError } : {}) };
+    },
+
+    async send(n: PushNotification, signal: AbortSignal): Promise<Outcome> {
+      const body = bodyOf(n);
+      if (body === undefined) return NO_TEXT;
+      const c = client;
+      if (!c) return NOT_CONNECTED;
+      if (!c.connected && !(await waitForConnect(signal))) return NOT_CONNECTED;
+      return publish(c, topicOf(n), body);
+    },
+
+    async close() {
+      for (const wake of waiting) wake();
+      if (client) await client.endAsync(false).catch(() => {});
+      if (broker) await broker.close();
+    },
+  };
+};
+
+/** undefined = nothing to publish (a push without text on a text format). */
+function payloadRenderer(config: MqttSinkConfig): (n: PushNotification) => string | Buffer | undefined {
+  switch (config.format) {
+    case 'message':
+      return (n) => (hasText(n) ? Buffer.from(n.message, 'utf8') : undefined);
+    case 'json':
+      return (n) => JSON.stringify(n);
+    case 'template': {
+      const render = compileTemplate(config.template ?? '{message}');
+      return (n) => (hasText(n) ? render(n) : undefined);
+    }
+  }
+}
+
+function tlsOptions(config: MqttSinkConfig): Partial<IClientOptions> {
+  if (!config.tls) return {};
+  const read = (f?: string) => (f ? readFileSync(f) : undefined);
+  return {
+    ca: read(config.tls.ca),
+    cert: read(config.tls.cert),
+    key: read(config.tls.key),
+    rejectUnauthorized: config.tls.rejectUnauthorized,
+  };
+}
+
+/** URLs may carry credentials; logs must not. */
+function redact(u: string): string {
+  try {
+    const parsed = new URL(u);
+    if (parsed.password) parsed.password = '***';
+    return parsed.toString();
+  } catch {
+    return u;
+  }
+}

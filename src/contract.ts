@@ -1,0 +1,128 @@
+// Mattermost's push wire types (../shared/contract/mattermost-push.md §2, §3).
+//
+// Parsing follows Go's encoding/json as the official push proxy uses it: unknown fields pass
+// through (the server keeps adding them), a `null` leaves a field at its zero value, and a
+// field of the wrong type is an error. The three fields the proxy cannot route without
+// (platform, server_id, device_id) must be non-empty strings.
+import { z } from 'zod';
+
+/** An optional field: absent and `null` both mean "not set", as in Go. */
+const opt = <T extends z.ZodType>(schema: T) =>
+  schema.nullish().transform((v) => (v === null ? undefined : v));
+
+/** A field Mattermost always sends; a missing one decodes to Go's zero value. */
+const str = z
+  .string()
+  .nullish()
+  .transform((v) => v ?? '');
+const bool = z
+  .boolean()
+  .nullish()
+  .transform((v) => v ?? false);
+const required = z.string().min(1, { error: 'must not be empty' });
+
+function kindOf(v: unknown): string {
+  return v === null ? 'null' : Array.isArray(v) ? 'an array' : typeof v;
+}
+
+export const PushNotificationSchema = z.looseObject({
+  ack_id: str,
+  platform: required,
+  server_id: required,
+  device_id: required,
+  post_id: str,
+  category: opt(z.string()),
+  sound: opt(z.string()),
+  message: opt(z.string()),
+  badge: opt(z.number().int()),
+  cont_ava: opt(z.number().int()),
+  team_id: opt(z.string()),
+  channel_id: opt(z.string()),
+  root_id: opt(z.string()),
+  channel_name: opt(z.string()),
+  type: opt(z.string()),
+  sub_type: opt(z.string()),
+  sender_id: opt(z.string()),
+  sender_name: opt(z.string()),
+  override_username: opt(z.string()),
+  override_icon_url: opt(z.string()),
+  from_webhook: opt(z.string()),
+  version: opt(z.string()),
+  is_crt_enabled: bool,
+  is_id_loaded: bool,
+  signature: str,
+  transport: opt(z.string()),
+});
+export type PushNotification = z.infer<typeof PushNotificationSchema>;
+
+/** What a phone's ack looks like after the server re-marshals it (§3.3). */
+export const PushAckSchema = z.looseObject({
+  id: required,
+  received_at: opt(z.number()),
+  platform: opt(z.string()),
+  type: opt(z.string()),
+  post_id: opt(z.string()),
+  is_id_loaded: bool,
+});
+export type PushAck = z.infer<typeof PushAckSchema>;
+
+/** The push types the server sends (§2.2); anything else is counted as `other`. */
+export const PUSH_TYPES = ['message', 'clear', 'update_badge', 'session', 'test'] as const;
+
+export type PushStatus = 'OK' | 'FAIL' | 'REMOVE';
+/** `map[string]string` on the server side: every value must be a string (§3.1). */
+export type PushResponse = { status: PushStatus; error?: string };
+
+/**
+ * `android_rn-v2` -> base `android_rn`, app version 2. The official proxy strips `-v<N>` and
+ * defaults the version to 1 (§2.1, PP server.go).
+ */
+export function parsePlatform(platform: string): { base: string; appVersion: number } {
+  const m = /^(.*)-v(\d+)$/.exec(platform);
+  if (!m) return { base: platform, appVersion: 1 };
+  return { base: m[1] as string, appVersion: Number(m[2]) };
+}
+
+/** Whether a push carries text a person would read; clear/update_badge/test do not. */
+export function hasText(n: PushNotification): n is PushNotification & { message: string } {
+  return typeof n.message === 'string' && n.message.length > 0;
+}
+
+export type ParseResult<T> = { ok: true; value: T } | { ok: false; error: string };
+
+/**
+ * Decode a request body as Mattermost sends it: JSON regardless of Content-Type (§1.1).
+ * The error text ends up in Mattermost's log, so it names the field and the problem.
+ */
+export function parseBody<T>(schema: z.ZodType<T>, body: string): ParseResult<T> {
+  if (body.trim() === '') return { ok: false, error: 'empty body: expected a JSON object' };
+  let json: unknown;
+  try {
+    json = JSON.parse(body);
+  } catch (err) {
+    return { ok: false, error: `invalid JSON: ${(err as Error).message}` };
+  }
+  if (json === null || typeof json !== 'object' || Array.isArray(json)) {
+    return { ok: false, error: `expected a JSON object, got ${kindOf(json)}` };
+  }
+  const parsed = schema.safeParse(json, { reportInput: true });
+  if (parsed.success) return { ok: true, value: parsed.data };
+  return { ok: false, error: describeIssues(parsed.error) };
+}
+
+function describeIssues(error: z.ZodError): string {
+  return error.issues
+    .slice(0, 5)
+    .map((issue) => {
+      const field = issue.path.join('.') || 'body';
+      if (issue.code !== 'invalid_type') return `${field} ${issue.message}`;
+      if (issue.input === undefined) return `${field} is required`;
+      return `${field} must be ${issue.expected === 'int' ? 'an integer' : `a ${issue.expected}`}, got ${kindOf(issue.input)}`;
+    })
+    .join('; ');
+}
+
+/** `abcdef…wxyz`: enough to correlate log lines, not enough to reuse a token. */
+export function shortToken(token: string): string {
+  return token.length <= 12 ? '…' : `${token.slice(0, 6)}…${token.slice(-4)}`;
+}

@@ -1,0 +1,101 @@
+// Prometheus metrics, declared up front so every series exists at 0 (STYLE.md §7): a
+// dashboard or alert on `rate(...)` must not wait for the first failure to see the series.
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { PUSH_TYPES, type PushStatus } from './contract.js';
+import type { OutcomeKind, Sink } from '../sinks/types.js';
+
+const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+
+export type Metrics = ReturnType<typeof createMetrics>;
+
+export function createMetrics(sinks: readonly Sink[]) {
+  const registry = new Registry();
+  collectDefaultMetrics({ register: registry, prefix: 'push_relay_' });
+
+  const received = new Counter({
+    name: 'push_relay_notifications_received_total',
+    help: 'Valid notifications received from Mattermost, by push type (unknown types count as other).',
+    labelNames: ['type'],
+    registers: [registry],
+  });
+  for (const t of [...PUSH_TYPES, 'other']) received.labels(t).inc(0);
+
+  const invalid = new Counter({
+    name: 'push_relay_invalid_requests_total',
+    help: 'Requests answered FAIL or 413 because the body was not a valid payload, by endpoint and problem.',
+    labelNames: ['endpoint', 'problem'],
+    registers: [registry],
+  });
+  for (const e of ['send_push', 'ack']) for (const p of ['invalid_payload', 'too_large']) invalid.labels(e, p).inc(0);
+
+  const replies = new Counter({
+    name: 'push_relay_replies_total',
+    help: 'Replies given to Mattermost for send_push, by status.',
+    labelNames: ['status'],
+    registers: [registry],
+  });
+  for (const s of ['OK', 'FAIL', 'REMOVE'] satisfies PushStatus[]) replies.labels(s).inc(0);
+
+  const acks = new Counter({
+    name: 'push_relay_acks_total',
+    help: 'Delivery receipts forwarded by Mattermost from phones.',
+    registers: [registry],
+  });
+
+  const outcomes = new Counter({
+    name: 'push_relay_sink_outcomes_total',
+    help: 'What each delivery attempt came to, by sink, outcome and reason.',
+    labelNames: ['sink', 'outcome', 'reason'],
+    registers: [registry],
+  });
+  const latency = new Histogram({
+    name: 'push_relay_sink_latency_seconds',
+    help: 'Time one delivery attempt took, by sink.',
+    labelNames: ['sink'],
+    buckets: LATENCY_BUCKETS,
+    registers: [registry],
+  });
+  const sinkUp = new Gauge({
+    name: 'push_relay_sink_ready',
+    help: '1 when the sink is connected and ready, else 0.',
+    labelNames: ['sink'],
+    registers: [registry],
+    collect() {
+      for (const s of sinks) this.labels(s.name).set(s.state().ready ? 1 : 0);
+    },
+  });
+  void sinkUp;
+
+  // Bound children per sink, so the hot path does no label hashing.
+  const perSink = new Map<string, { latency: ReturnType<Histogram['labels']> }>();
+  for (const s of sinks) {
+    perSink.set(s.name, { latency: latency.labels(s.name) });
+    for (const [kind, reason] of [...s.reasons, ...DISPATCH_REASONS]) outcomes.labels(s.name, kind, reason).inc(0);
+  }
+
+  return {
+    registry,
+    received(type: string | undefined) {
+      received.labels(type && (PUSH_TYPES as readonly string[]).includes(type) ? type : 'other').inc();
+    },
+    invalid(endpoint: 'send_push' | 'ack', problem: 'invalid_payload' | 'too_large') {
+      invalid.labels(endpoint, problem).inc();
+    },
+    reply(status: PushStatus) {
+      replies.labels(status).inc();
+    },
+    ack() {
+      acks.inc();
+    },
+    outcome(sink: string, kind: OutcomeKind | 'queued', reason: string, seconds?: number) {
+      outcomes.labels(sink, kind, reason).inc();
+      if (seconds !== undefined) perSink.get(sink)?.latency.observe(seconds);
+    },
+  };
+}
+
+/** Outcomes the dispatcher itself produces for any sink. */
+export const DISPATCH_REASONS: ReadonlyArray<readonly [OutcomeKind, string]> = [
+  ['retryable', 'deadline'],
+  ['permanent', 'sink_error'],
+];
