@@ -9,6 +9,18 @@ import { compileTemplate, mqttTopicLevel } from '../src/template.js';
 import { autoBroker, type AutoBroker } from './mqtt-broker.js';
 import type { Outcome, SinkFactory, SinkState } from './types.js';
 
+/**
+ * MQTT 5 PUBACK reason codes that mean "this publish will never be accepted as it is"
+ * (OASIS MQTT 5.0 §3.4.2.1). 0x97 quota exceeded and 0x80 unspecified stay retryable.
+ * MQTT 3.1.1 has no such codes: a broker that denies a publish drops it silently.
+ */
+const PERMANENT_PUBACK: Record<number, string> = {
+  0x83: 'implementation_specific_error',
+  0x87: 'not_authorized',
+  0x90: 'topic_name_invalid',
+  0x99: 'payload_format_invalid',
+};
+
 const NOT_CONNECTED: Outcome = { kind: 'retryable', reason: 'broker_unavailable', detail: 'MQTT broker not connected' };
 const NO_TEXT: Outcome = { kind: 'skipped', reason: 'no_text' };
 const DELIVERED: Outcome = { kind: 'delivered' };
@@ -33,6 +45,7 @@ export const createMqttSink: SinkFactory<MqttSinkConfig> = (name, config, { logg
       reconnectPeriod: config.reconnectMin,
       connectTimeout: 5000,
       clean: true,
+      protocolVersion: config.protocolVersion,
       // We decide what happens to a publish while the broker is away (the dispatcher's
       // deadline and, later, the outbox); mqtt.js must not queue it behind our back.
       queueQoSZero: false,
@@ -78,7 +91,10 @@ export const createMqttSink: SinkFactory<MqttSinkConfig> = (name, config, { logg
     return new Promise((resolve) => {
       c.publish(topic, body, { qos: config.qos, retain: config.retain }, (err) => {
         if (!err) return resolve(DELIVERED);
-        resolve({ kind: 'retryable', reason: 'publish_failed', detail: `MQTT publish failed: ${err.message}` });
+        const code = (err as Error & { code?: number }).code;
+        const permanent = typeof code === 'number' ? PERMANENT_PUBACK[code] : undefined;
+        if (permanent) resolve({ kind: 'permanent', reason: permanent, detail: `MQTT broker refused the publish to ${topic}: ${err.message}` });
+        else resolve({ kind: 'retryable', reason: 'publish_failed', detail: `MQTT publish failed: ${err.message}` });
       });
     });
   }
@@ -92,6 +108,7 @@ export const createMqttSink: SinkFactory<MqttSinkConfig> = (name, config, { logg
       ['skipped', 'no_text'],
       ['retryable', 'broker_unavailable'],
       ['retryable', 'publish_failed'],
+      ...Object.values(PERMANENT_PUBACK).map((r) => ['permanent', r] as const),
     ],
 
     async start() {

@@ -2,7 +2,8 @@
 // The command line: serve, check-config, version.
 import { ConfigError, loadConfig, type Config } from './config.js';
 import { createLogger } from './log.js';
-import { startRelay } from './relay.js';
+import { sinkPolicy, startRelay } from './relay.js';
+import { openStore, type PendingDelivery } from './store/index.js';
 import { VERSION } from './version.js';
 
 const USAGE = `push-relay: a self-hosted push notification relay for Mattermost
@@ -10,6 +11,10 @@ const USAGE = `push-relay: a self-hosted push notification relay for Mattermost
 Usage:
   push-relay serve [--config FILE]     run the relay (env PUSH_RELAY_CONFIG=FILE does the same)
   push-relay check-config [FILE]       validate a config file and print the result, start nothing
+  push-relay outbox stats|list|retry|purge [--sink NAME] [--limit N] [--config FILE]
+                                       inspect the outbox; retry makes every pending delivery due now
+  push-relay dead-letters list|replay [ID ...|--all] [--limit N] [--config FILE]
+                                       inspect or replay deliveries given up on
   push-relay version                   print the version
 
 With no config file the relay listens on 0.0.0.0:8066 and publishes each notification's text
@@ -88,6 +93,78 @@ function checkConfig(args: string[]) {
   );
 }
 
+function option(args: string[], name: string): string | undefined {
+  const i = args.indexOf(name);
+  return i >= 0 ? args[i + 1] : undefined;
+}
+
+/** Positional words: the arguments that are neither options nor their values. */
+function words(args: string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i] as string;
+    if (a === '--all') continue;
+    if (a.startsWith('-')) {
+      if (!a.includes('=')) i++;
+      continue;
+    }
+    out.push(a);
+  }
+  return out;
+}
+
+function describeRow(r: PendingDelivery & { reason?: string; failedAt?: number }): string {
+  const age = Math.round((Date.now() - r.createdAt) / 1000);
+  const n = JSON.parse(r.payload) as { type?: string; channel_name?: string };
+  const due = r.reason === undefined ? ` due ${r.nextAttemptAt <= Date.now() ? 'now' : `in ${Math.round((r.nextAttemptAt - Date.now()) / 1000)}s`}` : '';
+  return (
+    `#${r.id} sink=${r.sink} ack_id=${r.ackId || '-'} type=${n.type ?? '-'} age=${age}s attempts=${r.attempts}${due}` +
+    (r.reason !== undefined ? `\n    reason: ${r.reason}` : r.lastError ? `\n    last error: ${r.lastError}` : '')
+  );
+}
+
+async function storeCommand(kind: 'outbox' | 'dead-letters', args: string[]) {
+  const config = load(configFile(args));
+  const [action = kind === 'outbox' ? 'stats' : 'list', ...ids] = words(args);
+  const limit = Number(option(args, '--limit') ?? 50);
+  const sink = option(args, '--sink');
+  const store = await openStore(config.store, config.dataDir, false);
+  if (!store) fail('store is "none": there is no outbox');
+  const out = (s: string) => process.stdout.write(`${s}\n`);
+  try {
+    if (kind === 'outbox' && action === 'stats') {
+      const st = await store.stats();
+      out(`outbox: ${st.depth} pending${st.oldestCreatedAt ? `, oldest ${Math.round((Date.now() - st.oldestCreatedAt) / 1000)}s old` : ''}`);
+      for (const [name, count] of Object.entries(st.bySink)) out(`  ${name}: ${count}`);
+      out(`dead letters: ${st.deadLetters}`);
+    } else if (kind === 'outbox' && action === 'list') {
+      const rows = await store.list(limit);
+      for (const r of rows) out(describeRow(r));
+      if (!rows.length) out('outbox is empty');
+    } else if (kind === 'outbox' && action === 'retry') {
+      out(`${await store.retryNow(sink)} deliveries due now; a running relay sends them within a second`);
+    } else if (kind === 'outbox' && action === 'purge') {
+      if (!args.includes('--yes')) fail('purge deletes pending notifications for good: add --yes to confirm');
+      out(`${await store.purge(sink)} deliveries deleted`);
+    } else if (kind === 'dead-letters' && action === 'list') {
+      const rows = await store.deadLetters(limit);
+      for (const r of rows) out(describeRow(r));
+      if (!rows.length) out('no dead letters');
+    } else if (kind === 'dead-letters' && action === 'replay') {
+      const which = args.includes('--all') ? 'all' : ids.map(Number);
+      if (which !== 'all' && (which.length === 0 || which.some((id) => !Number.isInteger(id)))) {
+        fail('dead-letters replay needs dead letter ids (see dead-letters list) or --all');
+      }
+      const moved = await store.replay(which, Date.now(), (s) => sinkPolicy(config, s).ttlMs);
+      out(`${moved} dead letters back in the outbox, due now`);
+    } else {
+      fail(`unknown ${kind} action "${action}"\n\n${USAGE}`);
+    }
+  } finally {
+    await store.close();
+  }
+}
+
 const [command, ...rest] = process.argv.slice(2);
 switch (command) {
   case 'serve':
@@ -96,6 +173,10 @@ switch (command) {
     break;
   case 'check-config':
     checkConfig(rest);
+    break;
+  case 'outbox':
+  case 'dead-letters':
+    await storeCommand(command, rest);
     break;
   case 'version':
   case '--version':

@@ -69,6 +69,15 @@ const oneOrMany = z.union([z.string(), z.array(z.string()).min(1)]).transform((v
 
 // ---- sinks ----
 
+/** Per-sink overrides of the `delivery` defaults. */
+const sinkDelivery = {
+  deadline: duration.optional(),
+  ttl: duration.optional(),
+  concurrency: int(1, 100_000).optional(),
+  queue: int(0, 1_000_000).optional(),
+  maxAttempts: int(1, 1_000_000).optional(),
+};
+
 const MqttSinkSchema = z.strictObject({
   type: z.literal('mqtt'),
   /** Omitted or `auto`: use a broker on 127.0.0.1:autoPort, or start an embedded one there. */
@@ -83,6 +92,8 @@ const MqttSinkSchema = z.strictObject({
   template: template().optional(),
   qos: z.preprocess(numeric, z.union([z.literal(0), z.literal(1), z.literal(2)])).default(1),
   retain: flag.default(false),
+  /** 5 lets the broker say why it refuses a publish (e.g. an ACL); 4 is MQTT 3.1.1, which aedes speaks. */
+  protocolVersion: z.preprocess(numeric, z.union([z.literal(4), z.literal(5)])).default(4),
   username: z.string().optional(),
   password: z.string().optional(),
   clientId: z.string().min(1).optional(),
@@ -96,13 +107,13 @@ const MqttSinkSchema = z.strictObject({
     .optional(),
   reconnectMin: duration.default(500),
   reconnectMax: duration.default(30_000),
-  deadline: duration.optional(),
+  ...sinkDelivery,
 });
 
 const LogSinkSchema = z.strictObject({
   type: z.literal('log'),
   level: z.enum(['debug', 'info', 'warn']).default('info'),
-  deadline: duration.optional(),
+  ...sinkDelivery,
 });
 
 const SinkSchema = z.discriminatedUnion('type', [MqttSinkSchema, LogSinkSchema], {
@@ -162,10 +173,30 @@ export const ConfigSchema = z
       .prefault({}),
     delivery: z
       .strictObject({
-        /** How long one sink may take before the reply goes out without it. */
+        /** How long one sink may take before the delivery goes to the outbox (or, without one, FAIL). */
         deadline: duration.default(5_000),
+        /** How long an undelivered notification is worth delivering: a stale push is worse than none. */
+        ttl: duration.default(3_600_000),
+        /** Attempts before a delivery becomes a dead letter (the ttl usually comes first). */
+        maxAttempts: int(1, 1_000_000).default(1000),
+        /** Backoff between outbox retries: exponential from retryMin to retryMax, with jitter. */
+        retryMin: duration.default(1_000),
+        retryMax: duration.default(60_000),
+        /** Deliveries in flight per sink; beyond it requests wait in a queue of this size, then spill to the outbox. */
+        concurrency: int(1, 100_000).default(1024),
+        queue: int(0, 1_000_000).default(4096),
+        /** The same (ack_id, sink) is delivered once within this window. */
+        dedupWindow: duration.default(600_000),
       })
       .prefault({}),
+    /** `sqlite` (in dataDir), `postgres://user@host/db` (shared by several instances) or `none`. */
+    store: z
+      .string()
+      .refine((v) => v === 'sqlite' || v === 'none' || /^postgres(ql)?:\/\/\S+$/.test(v), {
+        message: 'must be sqlite, none, or a postgres:// URL',
+      })
+      .default('sqlite'),
+    dataDir: z.string().min(1).default('./data'),
     sinks: z.record(z.string().regex(/^[A-Za-z0-9_.-]+$/, { message: 'sink names use letters, digits, _ . -' }), SinkSchema),
     routes: z.array(RouteSchema).optional(),
   })
@@ -219,6 +250,8 @@ const ENV_OVERRIDES: Array<[string, string[]]> = [
   ['PUSH_RELAY_LOG_LEVEL', ['log', 'level']],
   ['PUSH_RELAY_LOG_FORMAT', ['log', 'format']],
   ['PUSH_RELAY_BODY_LIMIT', ['server', 'bodyLimit']],
+  ['PUSH_RELAY_STORE', ['store']],
+  ['PUSH_RELAY_DATA_DIR', ['dataDir']],
 ];
 
 export function loadConfig(file: string | undefined, env: Env = process.env): Config {

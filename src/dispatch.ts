@@ -1,8 +1,13 @@
 // Fan-out with deadlines -> outcomes -> one reply. `replyFor` is the only place that turns
 // what sinks did into Mattermost's OK / REMOVE / FAIL (contract §3).
+//
+// Mattermost never retries (§0.5), so "OK" must mean "will be delivered": a delivery that has
+// not succeeded by its deadline, or that meets a sink which is down or saturated, is written
+// to the outbox before the reply goes out, and the outbox owns it from then on.
 import type { Logger } from 'pino';
 import type { PushNotification, PushResponse } from './contract.js';
 import type { Metrics } from './metrics.js';
+import type { Outbox } from './outbox.js';
 import type { Outcome, Sink } from '../sinks/types.js';
 
 /** `queued`: not delivered yet, but durably stored and owned by the outbox from now on. */
@@ -15,14 +20,14 @@ export type Delivery = { sink: Sink; result: Result };
  *   a bug in that sink and counts as a failure.
  * - FAIL when any sink neither delivered, skipped nor queued: the server logs our error text
  *   and never retries (§3.2.5, §0.5), so the text names each sink and what went wrong.
- * - OK otherwise, including "no route wanted it".
+ * - OK otherwise, including "no route wanted it" and "queued in the outbox".
  */
 export function replyFor(deliveries: readonly Delivery[]): PushResponse {
   const failures: string[] = [];
   for (const { sink, result } of deliveries) {
     if (result.kind === 'dead-token' && sink.perDevice) return { status: 'REMOVE' };
     if (result.kind === 'retryable' || result.kind === 'permanent' || result.kind === 'dead-token') {
-      failures.push(`${sink.name}: ${('detail' in result && result.detail) || result.reason}`);
+      failures.push(`${sink.name}: ${result.detail || result.reason}`);
     }
   }
   if (failures.length) return { status: 'FAIL', error: failures.join('; ') };
@@ -34,25 +39,109 @@ export type Dispatcher = {
   deliver(n: PushNotification, targets: readonly Sink[], log: () => Logger): Promise<Delivery[]>;
 };
 
+export type SinkPolicy = { deadlineMs: number; concurrency: number; queue: number };
+
 export type DispatcherOptions = {
-  /** Default per-sink deadline; a sink's own `deadline` config wins. */
-  deadlineMs: number;
-  sinkDeadlines: ReadonlyMap<string, number>;
+  policy: (sink: string) => SinkPolicy;
+  dedupWindowMs: number;
   metrics: Metrics;
+  /** Without an outbox (`store: none`) a delivery that cannot be made now answers FAIL. */
+  outbox?: Outbox;
 };
 
+const DUPLICATE: Result = { kind: 'skipped', reason: 'duplicate' };
+
 export function createDispatcher(opts: DispatcherOptions): Dispatcher {
-  const { metrics } = opts;
+  const { metrics, outbox } = opts;
+  const lanes = new Map<string, Lane>();
+  const laneOf = (sink: Sink) => {
+    let lane = lanes.get(sink.name);
+    if (!lane) {
+      const p = opts.policy(sink.name);
+      lane = createLane(p.concurrency, outbox ? p.queue : Number.MAX_SAFE_INTEGER);
+      lanes.set(sink.name, lane);
+    }
+    return lane;
+  };
 
   async function one(sink: Sink, n: PushNotification, log: () => Logger): Promise<Delivery> {
-    const started = performance.now();
-    const result = await attempt(sink, n, opts.sinkDeadlines.get(sink.name) ?? opts.deadlineMs);
-    const seconds = (performance.now() - started) / 1000;
-    metrics.outcome(sink.name, result.kind, 'reason' in result ? result.reason : '', seconds);
-    if (result.kind !== 'delivered' && result.kind !== 'skipped') {
-      log().warn({ sink: sink.name, outcome: result.kind, reason: result.reason, detail: result.detail }, 'delivery did not succeed');
+    // Test pushes carry an empty ack_id (§2.2): each is its own request, never a resend.
+    const key = outbox && n.ack_id !== '' ? n.ack_id : undefined;
+    if (key !== undefined && !(await outbox!.acquire(key, sink.name, opts.dedupWindowMs, log))) {
+      metrics.suppressed(sink.name);
+      metrics.outcome(sink.name, 'skipped', 'duplicate');
+      return { sink, result: DUPLICATE };
+    }
+    const result = await deliverOnce(sink, n, log);
+    if (key !== undefined && (result.kind === 'retryable' || result.kind === 'permanent' || result.kind === 'dead-token')) {
+      // Not accepted: a resend of this notification deserves a real attempt.
+      await outbox!.release(key, sink.name);
+    }
+    if (result.kind === 'queued') {
+      // A sink that is down queues every request: its own log says so once, not per request.
+      log().debug({ sink: sink.name, reason: result.reason, detail: result.detail }, 'queued in the outbox');
+    } else if (result.kind !== 'delivered' && result.kind !== 'skipped') {
+      log().warn({ sink: sink.name, outcome: result.kind, reason: result.reason, detail: result.detail }, 'not delivered');
     }
     return { sink, result };
+  }
+
+  async function deliverOnce(sink: Sink, n: PushNotification, log: () => Logger): Promise<Result> {
+    const state = sink.state();
+    if (outbox && !state.ready) {
+      // Waiting for a sink we know is down only spends Mattermost's 30 s budget.
+      return spill(sink, n, { kind: 'retryable', reason: 'sink_unavailable', detail: state.detail ?? state.state }, log);
+    }
+    const lane = laneOf(sink);
+    if (!(await lane.enter())) {
+      return spill(sink, n, { kind: 'retryable', reason: 'backpressure', detail: 'sink saturated' }, log);
+    }
+    const started = performance.now();
+    let resolveId!: (id: number | undefined) => void;
+    const queued = new Promise<number | undefined>((r) => (resolveId = r));
+    const outcome = await attempt(sink, n, opts.policy(sink.name).deadlineMs, (late) => {
+      // The attempt that passed its deadline went through after all: take back the outbox copy
+      // if no worker has claimed it yet; otherwise the notification was delivered twice.
+      if (late.kind !== 'delivered') return;
+      void queued.then(async (id) => {
+        if (id !== undefined && !(await outbox!.cancel(id))) metrics.duplicate(sink.name);
+      });
+    }).finally(() => lane.leave());
+    metrics.outcome(sink.name, outcome.kind, 'reason' in outcome ? outcome.reason : '', (performance.now() - started) / 1000);
+    if (outcome.kind === 'permanent' && outbox) {
+      resolveId(undefined);
+      // FAIL tells Mattermost; the dead letter lets an operator replay it once the sink is fixed.
+      await outbox.bury(sink.name, n, outcome).catch((err) => log().error({ err: (err as Error).message }, 'cannot write the dead letter'));
+      return outcome;
+    }
+    if (outcome.kind !== 'retryable' || !outbox) {
+      resolveId(undefined);
+      return outcome;
+    }
+    return spill(sink, n, outcome, log, resolveId);
+  }
+
+  async function spill(
+    sink: Sink,
+    n: PushNotification,
+    why: Extract<Outcome, { kind: 'retryable' }>,
+    log: () => Logger,
+    onId?: (id: number | undefined) => void,
+  ): Promise<Result> {
+    if (!outbox) {
+      onId?.(undefined);
+      return why;
+    }
+    try {
+      const id = await outbox.enqueue(sink.name, n, why);
+      onId?.(id);
+      metrics.outcome(sink.name, 'queued', why.reason);
+      return { kind: 'queued', reason: why.reason, detail: why.detail };
+    } catch (err) {
+      onId?.(undefined);
+      log().error({ sink: sink.name, err: (err as Error).message }, 'cannot write to the outbox: answering FAIL');
+      return { kind: 'retryable', reason: 'outbox_unavailable', detail: `${why.detail ?? why.reason}; outbox write failed: ${(err as Error).message}` };
+    }
   }
 
   return {
@@ -63,24 +152,54 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
   };
 }
 
-/** One send bounded by `ms`; a throwing sink is a bug, reported as a permanent failure. */
-export async function attempt(sink: Sink, n: PushNotification, ms: number): Promise<Outcome> {
+/**
+ * One send bounded by `ms`; a throwing sink is a bug, reported as a permanent failure.
+ * `onLate` hears the real outcome of a send that outlived its deadline.
+ */
+export async function attempt(sink: Sink, n: PushNotification, ms: number, onLate?: (o: Outcome) => void): Promise<Outcome> {
   const ac = new AbortController();
   let timer: NodeJS.Timeout | undefined;
+  let timedOut = false;
   const deadline = new Promise<Outcome>((resolve) => {
     timer = setTimeout(() => {
+      timedOut = true;
       ac.abort();
       resolve({ kind: 'retryable', reason: 'deadline', detail: `no answer within ${ms} ms` });
     }, ms);
   });
+  const sent = sink
+    .send(n, ac.signal)
+    .catch((err: unknown): Outcome => ({ kind: 'permanent', reason: 'sink_error', detail: `sink failed: ${(err as Error)?.message ?? err}` }))
+    .then((o) => {
+      if (timedOut) onLate?.(o);
+      return o;
+    });
   try {
-    return await Promise.race([
-      sink.send(n, ac.signal).catch(
-        (err: unknown): Outcome => ({ kind: 'permanent', reason: 'sink_error', detail: `sink failed: ${(err as Error)?.message ?? err}` }),
-      ),
-      deadline,
-    ]);
+    return await Promise.race([sent, deadline]);
   } finally {
     clearTimeout(timer);
   }
+}
+
+/** A concurrency cap with a bounded wait queue: `enter()` is false when both are full. */
+type Lane = { enter(): Promise<boolean> | boolean; leave(): void };
+
+function createLane(cap: number, queueMax: number): Lane {
+  let active = 0;
+  const waiting: Array<() => void> = [];
+  return {
+    enter() {
+      if (active < cap) {
+        active++;
+        return true;
+      }
+      if (waiting.length >= queueMax) return false;
+      return new Promise<boolean>((resolve) => waiting.push(() => resolve(true)));
+    },
+    leave() {
+      const next = waiting.shift();
+      if (next) next();
+      else active--;
+    },
+  };
 }

@@ -2,13 +2,14 @@
 // dashboard or alert on `rate(...)` must not wait for the first failure to see the series.
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import { PUSH_TYPES, type PushStatus } from './contract.js';
+import type { Store } from './store/index.js';
 import type { OutcomeKind, Sink } from '../sinks/types.js';
 
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
 
 export type Metrics = ReturnType<typeof createMetrics>;
 
-export function createMetrics(sinks: readonly Sink[]) {
+export function createMetrics(sinks: readonly Sink[], store?: Store) {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'push_relay_' });
 
@@ -66,11 +67,59 @@ export function createMetrics(sinks: readonly Sink[]) {
   });
   void sinkUp;
 
+  const perSinkCounter = (name: string, help: string) => {
+    const c = new Counter({ name, help, labelNames: ['sink'], registers: [registry] });
+    for (const s of sinks) c.labels(s.name).inc(0);
+    return c;
+  };
+  const enqueued = perSinkCounter('push_relay_outbox_enqueued_total', 'Deliveries written to the outbox because the sink was down, slow or saturated.');
+  const drained = perSinkCounter('push_relay_outbox_delivered_total', 'Deliveries the outbox completed after the reply had gone out.');
+  const retries = perSinkCounter('push_relay_outbox_retries_total', 'Outbox delivery attempts that failed and were scheduled again.');
+  const dead = perSinkCounter('push_relay_dead_letters_total', 'Deliveries given up on (permanent failure, time to live or attempt budget).');
+  const suppressed = perSinkCounter('push_relay_duplicates_suppressed_total', 'Resent notifications not delivered again: same (ack_id, sink) within the dedup window.');
+  const duplicates = perSinkCounter('push_relay_duplicates_delivered_total', 'Deliveries made twice: an attempt that passed its deadline succeeded after its outbox copy was sent too.');
+  if (store) {
+    let cached: { at: number; stats: Promise<Awaited<ReturnType<Store['stats']>>> } | undefined;
+    const stats = () => {
+      if (!cached || Date.now() - cached.at > 1000) cached = { at: Date.now(), stats: store.stats() };
+      return cached.stats;
+    };
+    new Gauge({
+      name: 'push_relay_outbox_depth',
+      help: 'Deliveries waiting in the outbox, by sink.',
+      labelNames: ['sink'],
+      registers: [registry],
+      async collect() {
+        const st = await stats();
+        for (const s of sinks) this.labels(s.name).set(st.bySink[s.name] ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'push_relay_outbox_oldest_age_seconds',
+      help: 'Age of the oldest delivery waiting in the outbox (0 when empty).',
+      registers: [registry],
+      async collect() {
+        const st = await stats();
+        this.set(st.oldestCreatedAt === null ? 0 : (Date.now() - st.oldestCreatedAt) / 1000);
+      },
+    });
+    new Gauge({
+      name: 'push_relay_dead_letters',
+      help: 'Dead letters stored (see push-relay dead-letters list).',
+      registers: [registry],
+      async collect() {
+        this.set((await stats()).deadLetters);
+      },
+    });
+  }
+
   // Bound children per sink, so the hot path does no label hashing.
   const perSink = new Map<string, { latency: ReturnType<Histogram['labels']> }>();
   for (const s of sinks) {
     perSink.set(s.name, { latency: latency.labels(s.name) });
-    for (const [kind, reason] of [...s.reasons, ...DISPATCH_REASONS]) outcomes.labels(s.name, kind, reason).inc(0);
+    const pairs: Array<readonly [string, string]> = [...s.reasons, ...DISPATCH_REASONS];
+    for (const [kind, reason] of pairs) if (kind === 'retryable') pairs.push(['queued', reason]);
+    for (const [kind, reason] of pairs) outcomes.labels(s.name, kind, reason).inc(0);
   }
 
   return {
@@ -87,6 +136,12 @@ export function createMetrics(sinks: readonly Sink[]) {
     ack() {
       acks.inc();
     },
+    enqueued: (sink: string, n = 1) => enqueued.labels(sink).inc(n),
+    drained: (sink: string) => drained.labels(sink).inc(),
+    retried: (sink: string) => retries.labels(sink).inc(),
+    deadLetter: (sink: string) => dead.labels(sink).inc(),
+    suppressed: (sink: string) => suppressed.labels(sink).inc(),
+    duplicate: (sink: string) => duplicates.labels(sink).inc(),
     outcome(sink: string, kind: OutcomeKind | 'queued', reason: string, seconds?: number) {
       outcomes.labels(sink, kind, reason).inc();
       if (seconds !== undefined) perSink.get(sink)?.latency.observe(seconds);
@@ -97,5 +152,9 @@ export function createMetrics(sinks: readonly Sink[]) {
 /** Outcomes the dispatcher itself produces for any sink. */
 export const DISPATCH_REASONS: ReadonlyArray<readonly [OutcomeKind, string]> = [
   ['retryable', 'deadline'],
+  ['retryable', 'sink_unavailable'],
+  ['retryable', 'backpressure'],
+  ['retryable', 'outbox_unavailable'],
   ['permanent', 'sink_error'],
+  ['skipped', 'duplicate'],
 ];

@@ -8,7 +8,9 @@ import type { Config } from './config.js';
 import { createDispatcher } from './dispatch.js';
 import { createLogger } from './log.js';
 import { createMetrics } from './metrics.js';
+import { createOutbox, type Outbox } from './outbox.js';
 import { createRouter } from './route.js';
+import { openStore } from './store/index.js';
 import { createApp, type App } from './server.js';
 import { createSink } from '../sinks/index.js';
 import type { Sink } from '../sinks/types.js';
@@ -21,16 +23,40 @@ export type Relay = {
   stop(): Promise<void>;
 };
 
+/** A sink's delivery settings: its own overrides over the `delivery` defaults. */
+export function sinkPolicy(config: Config, sink: string) {
+  const d = config.delivery;
+  const s = config.sinks[sink];
+  return {
+    deadlineMs: s?.deadline ?? d.deadline,
+    ttlMs: s?.ttl ?? d.ttl,
+    maxAttempts: s?.maxAttempts ?? d.maxAttempts,
+    retryMinMs: d.retryMin,
+    retryMaxMs: d.retryMax,
+    concurrency: s?.concurrency ?? d.concurrency,
+    queue: s?.queue ?? d.queue,
+  };
+}
+
 export async function startRelay(config: Config, logger: Logger = createLogger(config.log)): Promise<Relay> {
+  const store = await openStore(config.store, config.dataDir, true);
+  if (store) logger.info({ store: store.kind, ...(store.kind === 'sqlite' ? { dataDir: config.dataDir } : {}) }, 'outbox store open');
+  else logger.warn('store: none: a delivery that cannot be made within its deadline answers FAIL and is lost');
+
   const sinks = new Map<string, Sink>();
   for (const [name, sinkConfig] of Object.entries(config.sinks)) sinks.set(name, createSink(name, sinkConfig, { logger }));
   await Promise.all([...sinks.values()].map((s) => s.start()));
 
   const sinkList = [...sinks.values()];
-  const metrics = createMetrics(sinkList);
-  const sinkDeadlines = new Map<string, number>();
-  for (const [name, s] of Object.entries(config.sinks)) if (s.deadline !== undefined) sinkDeadlines.set(name, s.deadline);
-  const dispatcher = createDispatcher({ deadlineMs: config.delivery.deadline, sinkDeadlines, metrics });
+  const metrics = createMetrics(sinkList, store);
+  const policies = new Map([...sinks.keys()].map((name) => [name, sinkPolicy(config, name)]));
+  const policy = (name: string) => policies.get(name) ?? sinkPolicy(config, name);
+  let outbox: Outbox | undefined;
+  if (store) {
+    outbox = createOutbox({ store, sinks, policy, metrics, logger });
+    outbox.start();
+  }
+  const dispatcher = createDispatcher({ policy, dedupWindowMs: config.delivery.dedupWindow, metrics, outbox });
   const app = createApp({ config, sinks: sinkList, router: createRouter(config.routes, sinks), dispatcher, metrics, logger });
 
   const { server, port } = await listen(app, config.server.host, config.server.port);
@@ -50,7 +76,9 @@ export async function startRelay(config: Config, logger: Logger = createLogger(c
     while (app.inFlight() > 0 && Date.now() < deadline) await sleep(20);
     if (app.inFlight() > 0) logger.warn({ inFlight: app.inFlight() }, 'shutdown timeout passed with requests in flight');
     server.closeAllConnections();
+    await outbox?.stop();
     await Promise.all(sinkList.map((s) => s.close().catch((err) => logger.warn({ sink: s.name, err }, 'sink close failed'))));
+    await store?.close();
     logger.info('stopped');
   }
 

@@ -1,0 +1,211 @@
+// The outbox: deliveries the relay answered OK for but could not make at once, retried in the
+// background until they succeed, fail permanently, exhaust their attempts or outlive their
+// time to live; then they become dead letters with the reason.
+import type { Logger } from 'pino';
+import type { PushNotification } from './contract.js';
+import { attempt } from './dispatch.js';
+import type { Metrics } from './metrics.js';
+import type { PendingDelivery, Store } from './store/index.js';
+import type { Outcome, Sink } from '../sinks/types.js';
+
+export type OutboxPolicy = {
+  deadlineMs: number;
+  ttlMs: number;
+  maxAttempts: number;
+  retryMinMs: number;
+  retryMaxMs: number;
+};
+
+export type OutboxOptions = {
+  store: Store;
+  sinks: ReadonlyMap<string, Sink>;
+  policy: (sink: string) => OutboxPolicy;
+  metrics: Metrics;
+  logger: Logger;
+  /** Deliveries claimed per round; they are sent concurrently. */
+  batch?: number;
+  /** How often an idle worker looks for due deliveries. */
+  pollMs?: number;
+};
+
+export type Outbox = {
+  enqueue(sink: string, n: PushNotification, why: Extract<Outcome, { kind: 'retryable' }>): Promise<number>;
+  /** Keeps a notification a sink refused for good, so an operator can replay it once the sink is fixed. */
+  bury(sink: string, n: PushNotification, why: Extract<Outcome, { kind: 'permanent' | 'dead-token' }>): Promise<void>;
+  cancel(id: number): Promise<boolean>;
+  acquire(ackId: string, sink: string, windowMs: number, log: () => Logger): Promise<boolean>;
+  release(ackId: string, sink: string): Promise<void>;
+  /** Starts the background worker (resuming whatever a previous run left behind). */
+  start(): void;
+  stop(): Promise<void>;
+};
+
+/** Exponential backoff with full jitter in [d/2, d], at least what the sink asked for (Retry-After). */
+export function backoff(attempts: number, p: Pick<OutboxPolicy, 'retryMinMs' | 'retryMaxMs'>, retryAfterMs = 0): number {
+  const d = Math.min(p.retryMaxMs, p.retryMinMs * 2 ** Math.min(30, Math.max(0, attempts - 1)));
+  return Math.max(retryAfterMs, Math.round(d / 2 + (Math.random() * d) / 2));
+}
+
+export function createOutbox(opts: OutboxOptions): Outbox {
+  const { store, sinks, metrics, logger } = opts;
+  const batch = opts.batch ?? 1000;
+  const pollMs = opts.pollMs ?? 200;
+  const log = logger.child({ component: 'outbox' });
+  let running = false;
+  let loop: Promise<void> | undefined;
+  let wake: (() => void) | undefined;
+  let lastExpire = 0;
+
+  async function deliver(row: PendingDelivery): Promise<'done' | 'later' | 'dead'> {
+    const sink = sinks.get(row.sink);
+    const p = opts.policy(row.sink);
+    const now = Date.now();
+    if (!sink) {
+      await store.bury(row, `sink "${row.sink}" is no longer configured`, now);
+      return 'dead';
+    }
+    let n: PushNotification;
+    try {
+      n = JSON.parse(row.payload) as PushNotification;
+    } catch {
+      await store.bury(row, 'stored payload is not valid JSON', now);
+      return 'dead';
+    }
+    const outcome = await attempt(sink, n, p.deadlineMs);
+    const attempts = row.attempts + 1;
+    switch (outcome.kind) {
+      case 'delivered':
+      case 'skipped':
+        return 'done';
+      case 'dead-token':
+        // Too late for REMOVE: the reply went out when the delivery was queued.
+        await store.bury({ ...row, attempts }, `dead token: ${outcome.detail ?? outcome.reason}`, now);
+        return 'dead';
+      case 'permanent':
+        await store.bury({ ...row, attempts }, `permanent failure: ${outcome.detail ?? outcome.reason}`, now);
+        return 'dead';
+      case 'retryable': {
+        const error = outcome.detail ?? outcome.reason;
+        if (attempts >= p.maxAttempts) {
+          await store.bury({ ...row, attempts, lastError: error }, `gave up after ${attempts} attempts: ${error}`, now);
+          return 'dead';
+        }
+        await store.reschedule(row.id, attempts, now + backoff(attempts, p, outcome.retryAfterMs), error);
+        return 'later';
+      }
+    }
+  }
+
+  /** One round; true when there may be more due right away. */
+  async function round(): Promise<boolean> {
+    const now = Date.now();
+    if (now - lastExpire > 1000) {
+      lastExpire = now;
+      const expired = await store.expire(now);
+      if (expired) log.warn({ expired }, 'deliveries passed their time to live and became dead letters');
+    }
+    // Only claim for sinks that can take them: a broker that is down leaves its rows alone.
+    const ready = [...sinks.values()].filter((s) => s.state().ready).map((s) => s.name);
+    const rows = await store.claim(ready, batch, leaseMs(), now);
+    if (rows.length === 0) return false;
+    const results = await Promise.all(
+      rows.map((row) =>
+        deliver(row).catch((err: unknown) => {
+          log.error({ err: (err as Error).message, id: row.id }, 'outbox delivery failed unexpectedly; will retry');
+          return 'error' as const;
+        }),
+      ),
+    );
+    const done: number[] = [];
+    results.forEach((r, i) => {
+      const row = rows[i] as PendingDelivery;
+      if (r === 'done') {
+        done.push(row.id);
+        metrics.drained(row.sink);
+      } else if (r === 'later') metrics.retried(row.sink);
+      else if (r === 'dead') metrics.deadLetter(row.sink);
+    });
+    await store.complete(done);
+    log.debug({ claimed: rows.length, delivered: done.length }, 'outbox round');
+    return rows.length === batch;
+  }
+
+  // A claim outlives the slowest attempt in the round, so no other worker takes it meanwhile.
+  const leaseMs = () => Math.max(...[...sinks.keys()].map((s) => opts.policy(s).deadlineMs)) + 2_000;
+
+  async function run() {
+    let failures = 0;
+    while (running) {
+      let more = false;
+      try {
+        more = await round();
+        failures = 0;
+      } catch (err) {
+        failures++;
+        if (failures === 1 || failures % 50 === 0) log.error({ err: (err as Error).message }, 'outbox round failed; retrying');
+      }
+      if (!more && running) {
+        await new Promise<void>((resolve) => {
+          const t = setTimeout(resolve, failures ? Math.min(5000, pollMs * 2 ** failures) : pollMs);
+          wake = () => {
+            clearTimeout(t);
+            resolve();
+          };
+        });
+        wake = undefined;
+      }
+    }
+  }
+
+  return {
+    async enqueue(sink, n, why) {
+      const now = Date.now();
+      const p = opts.policy(sink);
+      const [id] = await store.enqueue([
+        {
+          sink,
+          ackId: n.ack_id,
+          payload: JSON.stringify(n),
+          createdAt: now,
+          expiresAt: now + p.ttlMs,
+          nextAttemptAt: now + (why.reason === 'deadline' ? backoff(1, p, why.retryAfterMs) : Math.max(why.retryAfterMs ?? 0, 0)),
+          attempts: why.reason === 'deadline' || why.reason === 'publish_failed' ? 1 : 0,
+          lastError: why.detail ?? why.reason,
+        },
+      ]);
+      metrics.enqueued(sink);
+      return id as number;
+    },
+    async bury(sink, n, why) {
+      const now = Date.now();
+      const detail = why.detail ?? why.reason;
+      await store.bury(
+        { sink, ackId: n.ack_id, payload: JSON.stringify(n), createdAt: now, expiresAt: now + opts.policy(sink).ttlMs, nextAttemptAt: now, attempts: 1, lastError: detail },
+        `${why.kind === 'dead-token' ? 'dead token' : 'permanent failure'}: ${detail}`,
+        now,
+      );
+      metrics.deadLetter(sink);
+    },
+    cancel: (id) => store.cancel(id, Date.now()),
+    async acquire(ackId, sink, windowMs, reqLog) {
+      try {
+        return await store.dedupAcquire(ackId, sink, windowMs, Date.now());
+      } catch (err) {
+        // At-least-once beats at-most-once: without the window, deliver.
+        reqLog().warn({ err: (err as Error).message }, 'dedup window unavailable; delivering anyway');
+        return true;
+      }
+    },
+    release: (ackId, sink) => store.dedupRelease(ackId, sink).catch(() => {}),
+    start() {
+      if (running) return;
+      running = true;
+      loop = run();
+    },
+    async stop() {
+      running = false;
+      wake?.();
+      await loop;
+    },
+  };
+}

@@ -1,0 +1,229 @@
+// The embedded store: one SQLite file (better-sqlite3, WAL) in the data directory.
+//
+// WAL with synchronous=NORMAL: a commit is in the OS before `enqueue` resolves, so a killed
+// relay loses nothing it answered OK for; only a power cut can lose the last commits
+// (https://www.sqlite.org/wal.html#durability). Writes from concurrent requests are grouped
+// into one transaction per event-loop turn. The dedup window lives in memory: one instance
+// owns this file, and a healthy hot path writes nothing to disk.
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import Database from 'better-sqlite3';
+import { createMemoryDedup } from './dedup.js';
+import type { DeadLetter, NewDelivery, PendingDelivery, Store, StoreStats } from './types.js';
+
+const SCHEMA = `
+CREATE TABLE IF NOT EXISTS outbox (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  sink TEXT NOT NULL,
+  ack_id TEXT NOT NULL,
+  payload TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL,
+  next_attempt_at INTEGER NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  last_error TEXT NOT NULL DEFAULT '',
+  claimed_until INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, id);
+CREATE TABLE IF NOT EXISTS dead_letters (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  sink TEXT NOT NULL,
+  ack_id TEXT NOT NULL,
+  payload TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL,
+  attempts INTEGER NOT NULL,
+  last_error TEXT NOT NULL,
+  failed_at INTEGER NOT NULL,
+  reason TEXT NOT NULL
+);
+`;
+
+type Row = {
+  id: number;
+  sink: string;
+  ack_id: string;
+  payload: string;
+  created_at: number;
+  expires_at: number;
+  next_attempt_at: number;
+  attempts: number;
+  last_error: string;
+};
+type DeadRow = Row & { failed_at: number; reason: string };
+
+const toPending = (r: Row): PendingDelivery => ({
+  id: r.id,
+  sink: r.sink,
+  ackId: r.ack_id,
+  payload: r.payload,
+  createdAt: r.created_at,
+  expiresAt: r.expires_at,
+  nextAttemptAt: r.next_attempt_at,
+  attempts: r.attempts,
+  lastError: r.last_error,
+});
+
+export type SqliteOptions = {
+  dataDir: string;
+  /** The relay that owns the file frees leases a killed predecessor left behind; the CLI does not. */
+  owner: boolean;
+};
+
+export function openSqliteStore({ dataDir, owner }: SqliteOptions): Store {
+  mkdirSync(dataDir, { recursive: true });
+  const db = new Database(join(dataDir, 'push-relay.sqlite'));
+  db.pragma('journal_mode = WAL');
+  db.pragma('synchronous = NORMAL');
+  db.pragma('busy_timeout = 5000');
+  db.exec(SCHEMA);
+  if (owner) db.prepare('UPDATE outbox SET claimed_until = 0 WHERE claimed_until > 0').run();
+
+  const insert = db.prepare(
+    `INSERT INTO outbox (sink, ack_id, payload, created_at, expires_at, next_attempt_at, attempts, last_error)
+     VALUES (@sink, @ackId, @payload, @createdAt, @expiresAt, @nextAttemptAt, @attempts, @lastError)`,
+  );
+  const insertMany = db.transaction((rows: readonly NewDelivery[]) =>
+    rows.map((r) => Number(insert.run(r).lastInsertRowid)),
+  );
+  const claimStmt = db.prepare(
+    `UPDATE outbox SET claimed_until = @until WHERE id IN (
+       SELECT id FROM outbox
+       WHERE next_attempt_at <= @now AND claimed_until <= @now AND sink IN (SELECT value FROM json_each(@sinks))
+       ORDER BY next_attempt_at, id LIMIT @limit)
+     RETURNING *`,
+  );
+  const del = db.prepare('DELETE FROM outbox WHERE id = ?');
+  const deleteMany = db.transaction((ids: readonly number[]) => {
+    for (const id of ids) del.run(id);
+  });
+  const cancelStmt = db.prepare('DELETE FROM outbox WHERE id = ? AND claimed_until <= ?');
+  const rescheduleStmt = db.prepare(
+    'UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ?, claimed_until = 0 WHERE id = ?',
+  );
+  const buryInsert = db.prepare(
+    `INSERT INTO dead_letters (sink, ack_id, payload, created_at, expires_at, attempts, last_error, failed_at, reason)
+     VALUES (@sink, @ackId, @payload, @createdAt, @expiresAt, @attempts, @lastError, @failedAt, @reason)`,
+  );
+  const bury = db.transaction((row: PendingDelivery | NewDelivery, reason: string, now: number) => {
+    buryInsert.run({ ...row, failedAt: now, reason });
+    if ('id' in row) del.run(row.id);
+  });
+  const expireMove = db.prepare(
+    `INSERT INTO dead_letters (sink, ack_id, payload, created_at, expires_at, attempts, last_error, failed_at, reason)
+     SELECT sink, ack_id, payload, created_at, expires_at, attempts, last_error, @now,
+            'expired: time to live passed after ' || attempts || ' attempt(s)' || CASE WHEN last_error != '' THEN '; last error: ' || last_error ELSE '' END
+     FROM outbox WHERE expires_at <= @now AND claimed_until <= @now`,
+  );
+  const expireDelete = db.prepare('DELETE FROM outbox WHERE expires_at <= @now AND claimed_until <= @now');
+  const expire = db.transaction((now: number) => {
+    expireMove.run({ now });
+    return expireDelete.run({ now }).changes;
+  });
+
+  // Group commit: every enqueue in one event-loop turn shares one transaction.
+  let batch: Array<{ rows: readonly NewDelivery[]; resolve: (ids: number[]) => void; reject: (e: unknown) => void }> = [];
+  function flush() {
+    const current = batch;
+    batch = [];
+    try {
+      const ids = insertMany(current.flatMap((b) => b.rows));
+      let i = 0;
+      for (const b of current) {
+        b.resolve(ids.slice(i, i + b.rows.length));
+        i += b.rows.length;
+      }
+    } catch (err) {
+      for (const b of current) b.reject(err);
+    }
+  }
+
+  const dedup = createMemoryDedup();
+
+  return {
+    kind: 'sqlite',
+    enqueue(rows) {
+      return new Promise((resolve, reject) => {
+        if (batch.length === 0) setImmediate(flush);
+        batch.push({ rows, resolve, reject });
+      });
+    },
+    async claim(sinks, limit, leaseMs, now) {
+      if (sinks.length === 0) return [];
+      const rows = claimStmt.all({ until: now + leaseMs, now, sinks: JSON.stringify(sinks), limit }) as Row[];
+      return rows.map(toPending).sort((a, b) => a.nextAttemptAt - b.nextAttemptAt || a.id - b.id);
+    },
+    async complete(ids) {
+      if (ids.length) deleteMany(ids);
+    },
+    async cancel(id, now) {
+      return cancelStmt.run(id, now).changes > 0;
+    },
+    async reschedule(id, attempts, nextAttemptAt, lastError) {
+      rescheduleStmt.run(attempts, nextAttemptAt, lastError, id);
+    },
+    async bury(row, reason, now) {
+      bury(row, reason, now);
+    },
+    async expire(now) {
+      return expire(now);
+    },
+    async dedupAcquire(ackId, sink, windowMs, now) {
+      return dedup.acquire(`${sink}\u0000${ackId}`, windowMs, now);
+    },
+    async dedupRelease(ackId, sink) {
+      dedup.release(`${sink}\u0000${ackId}`);
+    },
+    async stats(): Promise<StoreStats> {
+      const total = db.prepare('SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox').get() as { n: number; oldest: number | null };
+      const dead = db.prepare('SELECT COUNT(*) AS n FROM dead_letters').get() as { n: number };
+      const bySink = db.prepare('SELECT sink, COUNT(*) AS n FROM outbox GROUP BY sink').all() as Array<{ sink: string; n: number }>;
+      return { depth: total.n, oldestCreatedAt: total.oldest, deadLetters: dead.n, bySink: Object.fromEntries(bySink.map((r) => [r.sink, r.n])) };
+    },
+    async list(limit) {
+      return (db.prepare('SELECT * FROM outbox ORDER BY id LIMIT ?').all(limit) as Row[]).map(toPending);
+    },
+    async retryNow(sink) {
+      const sql = `UPDATE outbox SET next_attempt_at = 0${sink ? ' WHERE sink = ?' : ''}`;
+      return db.prepare(sql).run(...(sink ? [sink] : [])).changes;
+    },
+    async purge(sink) {
+      const sql = `DELETE FROM outbox${sink ? ' WHERE sink = ?' : ''}`;
+      return db.prepare(sql).run(...(sink ? [sink] : [])).changes;
+    },
+    async deadLetters(limit) {
+      return (db.prepare('SELECT * FROM dead_letters ORDER BY failed_at DESC, id DESC LIMIT ?').all(limit) as DeadRow[]).map(
+        (r): DeadLetter => ({ ...toPending(r), failedAt: r.failed_at, reason: r.reason }),
+      );
+    },
+    async replay(ids, now, ttlMs) {
+      const rows = (
+        ids === 'all'
+          ? db.prepare('SELECT * FROM dead_letters').all()
+          : db.prepare('SELECT * FROM dead_letters WHERE id IN (SELECT value FROM json_each(?))').all(JSON.stringify(ids))
+      ) as DeadRow[];
+      const move = db.transaction(() => {
+        for (const r of rows) {
+          insert.run({
+            sink: r.sink,
+            ackId: r.ack_id,
+            payload: r.payload,
+            createdAt: now,
+            expiresAt: now + ttlMs(r.sink),
+            nextAttemptAt: 0,
+            attempts: 0,
+            lastError: `replayed after: ${r.reason}`,
+          });
+          db.prepare('DELETE FROM dead_letters WHERE id = ?').run(r.id);
+        }
+      });
+      move();
+      return rows.length;
+    },
+    async close() {
+      if (batch.length) flush();
+      dedup.close();
+      db.close();
+    },
+  };
+}
