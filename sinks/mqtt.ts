@@ -24,6 +24,8 @@ const PERMANENT_PUBACK: Record<number, string> = {
 const NOT_CONNECTED: Outcome = { kind: 'retryable', reason: 'broker_unavailable', detail: 'MQTT broker not connected' };
 const NO_TEXT: Outcome = { kind: 'skipped', reason: 'no_text' };
 const DELIVERED: Outcome = { kind: 'delivered' };
+const TOPIC_TOO_LONG: Outcome = { kind: 'permanent', reason: 'topic_too_long', detail: 'rendered MQTT topic exceeds 65535 bytes' };
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms).unref());
 
 export const createMqttSink: SinkFactory<MqttSinkConfig> = (name, config, { logger }) => {
   const log = logger.child({ sink: name });
@@ -108,6 +110,7 @@ export const createMqttSink: SinkFactory<MqttSinkConfig> = (name, config, { logg
       ['skipped', 'no_text'],
       ['retryable', 'broker_unavailable'],
       ['retryable', 'publish_failed'],
+      ['permanent', 'topic_too_long'],
       ...Object.values(PERMANENT_PUBACK).map((r) => ['permanent', r] as const),
     ],
 
@@ -142,12 +145,22 @@ export const createMqttSink: SinkFactory<MqttSinkConfig> = (name, config, { logg
       const c = client;
       if (!c) return NOT_CONNECTED;
       if (!c.connected && !(await waitForConnect(signal))) return NOT_CONNECTED;
-      return publish(c, topicOf(n), body);
+      const topic = topicOf(n);
+      // MQTT 3.1.1 §1.5.3: at most 65535 bytes; mqtt.js would throw mid-write and stall the client.
+      if (Buffer.byteLength(topic) > 65535) return TOPIC_TOO_LONG;
+      return publish(c, topic, body);
     },
 
     async close() {
       for (const wake of waiting) wake();
-      if (client) await client.endAsync(false).catch(() => {});
+      if (client) {
+        // A graceful end waits for in-flight publishes; a hung broker never answers them.
+        const c = client;
+        const graceful = c.endAsync(false).catch(() => {});
+        if ((await Promise.race([graceful.then(() => true), sleep(2000).then(() => false)])) === false) {
+          await c.endAsync(true).catch(() => {});
+        }
+      }
       if (broker) await broker.close();
     },
   };

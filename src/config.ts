@@ -84,16 +84,16 @@ const MqttSinkSchema = z.strictObject({
   url: z.union([z.literal('auto'), url(['mqtt', 'mqtts', 'tcp', 'tls', 'ssl', 'ws', 'wss'])]).default('auto'),
   autoPort: int(1, 65535).default(1883),
   topic: template(mqttTopicLevel)
-    .refine((t) => !/[+#\u0000]/.test(t.replace(/\{[a-z_]+\}/g, '')), {
-      message: 'a topic to publish to may not contain + or # outside placeholders',
+    .refine((t) => !/[+#\p{Cc}]/u.test(t.replace(/\{[a-z_]+\}/g, '')), {
+      message: 'a topic to publish to may not contain +, # or control characters outside placeholders',
     })
     .default('mm/_notif'),
   format: z.enum(['message', 'json', 'template']).default('message'),
   template: template().optional(),
-  qos: z.preprocess(numeric, z.union([z.literal(0), z.literal(1), z.literal(2)])).default(1),
+  qos: z.preprocess(numeric, z.union([z.literal(0), z.literal(1), z.literal(2)], { error: 'must be 0, 1 or 2' })).default(1),
   retain: flag.default(false),
   /** 5 lets the broker say why it refuses a publish (e.g. an ACL); 4 is MQTT 3.1.1, which aedes speaks. */
-  protocolVersion: z.preprocess(numeric, z.union([z.literal(4), z.literal(5)])).default(4),
+  protocolVersion: z.preprocess(numeric, z.union([z.literal(4), z.literal(5)], { error: 'must be 4 (MQTT 3.1.1) or 5' })).default(4),
   username: z.string().optional(),
   password: z.string().optional(),
   clientId: z.string().min(1).optional(),
@@ -296,6 +296,7 @@ function describe(issue: z.core.$ZodIssue): string {
     return issue.keys.map((k) => `${path ? `${path}.` : ''}${k}: unknown key`).join('\n  ');
   }
   if (issue.code === 'invalid_type' && issue.input === undefined) return `${path}: is required`;
+  if (issue.code === 'invalid_key') return `${path}: ${issue.issues.map((i) => i.message).join('; ')}`;
   return `${path || '(top level)'}: ${issue.message}`;
 }
 

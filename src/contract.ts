@@ -22,6 +22,7 @@ const bool = z
 const required = z.string().min(1, { error: 'must not be empty' });
 
 function kindOf(v: unknown): string {
+  if (typeof v === 'number' && !Number.isFinite(v)) return 'a number out of range'; // 1e400 parses as Infinity
   return v === null ? 'null' : Array.isArray(v) ? 'an array' : typeof v;
 }
 

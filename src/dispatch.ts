@@ -167,8 +167,9 @@ export async function attempt(sink: Sink, n: PushNotification, ms: number, onLat
       resolve({ kind: 'retryable', reason: 'deadline', detail: `no answer within ${ms} ms` });
     }, ms);
   });
-  const sent = sink
-    .send(n, ac.signal)
+  // Promise.resolve().then: a send that throws synchronously is a bug like any other.
+  const sent = Promise.resolve()
+    .then(() => sink.send(n, ac.signal))
     .catch((err: unknown): Outcome => ({ kind: 'permanent', reason: 'sink_error', detail: `sink failed: ${(err as Error)?.message ?? err}` }))
     .then((o) => {
       if (timedOut) onLate?.(o);

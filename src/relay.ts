@@ -77,7 +77,12 @@ export async function startRelay(config: Config, logger: Logger = createLogger(c
     if (app.inFlight() > 0) logger.warn({ inFlight: app.inFlight() }, 'shutdown timeout passed with requests in flight');
     server.closeAllConnections();
     await outbox?.stop();
-    await Promise.all(sinkList.map((s) => s.close().catch((err) => logger.warn({ sink: s.name, err }, 'sink close failed'))));
+    // Closing is bounded too: a sink whose peer hangs must not keep the process alive.
+    const closing = Promise.all(sinkList.map((s) => s.close().catch((err) => logger.warn({ sink: s.name, err }, 'sink close failed'))));
+    const left = Math.max(1000, deadline - Date.now());
+    if ((await Promise.race([closing.then(() => true), sleep(left).then(() => false)])) === false) {
+      logger.warn('sinks did not close in time; exiting anyway');
+    }
     await store?.close();
     logger.info('stopped');
   }

@@ -68,9 +68,31 @@ function field(n: PushNotification, name: Placeholder): string {
 /**
  * One MQTT topic level from untrusted text: `/` would add levels, `+` and `#` are wildcards
  * that a publish may not contain, NUL is forbidden (MQTT 3.1.1 §4.7.3), and an empty level
- * would make `mm//x`. Each becomes `_`.
+ * would make `mm//x`. Each becomes `_`. So do control characters (U+0001-U+001F,
+ * U+007F-U+009F), noncharacters and lone surrogates: MQTT 3.1.1 §1.5.3 lets a broker drop the
+ * connection for them, and mosquitto does ("malformed packet"), after which mqtt.js resends
+ * the same publish on every reconnect and the sink never recovers.
  */
 export function mqttTopicLevel(value: string): string {
   if (value === '') return '_';
-  return value.replace(/[/+#\u0000]/g, '_');
+  const level = value.replace(/[/+#\p{Cc}\p{Cs}\p{Noncharacter_Code_Point}]/gu, '_');
+  return Buffer.byteLength(level) <= MAX_LEVEL_BYTES ? level : truncateUtf8(level, MAX_LEVEL_BYTES);
+}
+
+/**
+ * A whole topic is at most 65535 bytes (MQTT 3.1.1 §1.5.3). mqtt.js throws mid-write on a
+ * longer one and the client never publishes again, so one over-long field (device_id has no
+ * limit but the body size) would silence the sink: each placeholder gets at most 4 KiB.
+ */
+const MAX_LEVEL_BYTES = 4096;
+
+function truncateUtf8(s: string, max: number): string {
+  let out = '';
+  let bytes = 0;
+  for (const ch of s) {
+    bytes += Buffer.byteLength(ch);
+    if (bytes > max) break;
+    out += ch;
+  }
+  return out;
 }

@@ -1,7 +1,7 @@
 // HTTP the way Mattermost's push client does it (contract §0.2): a POST with a JSON body and
 // *no* Content-Type, User-Agent `Mattermost-Bot/1.1`. node:http rather than fetch, because
 // fetch adds `content-type: text/plain` to string bodies.
-import { request as httpRequest, type IncomingHttpHeaders } from 'node:http';
+import { request as httpRequest, type Agent, type IncomingHttpHeaders } from 'node:http';
 
 export type Reply = {
   status: number;
@@ -17,6 +17,8 @@ export type RequestOptions = {
   timeoutMs?: number;
   /** Send the body with Transfer-Encoding: chunked and no Content-Length. */
   chunked?: boolean;
+  /** E.g. a keep-alive agent, as Mattermost's Go client keeps connections; default: none. */
+  agent?: Agent;
 };
 
 export const MATTERMOST_UA = 'Mattermost-Bot/1.1';
@@ -37,7 +39,7 @@ export function request(method: string, url: string, body?: string | Uint8Array,
   const timeoutMs = opts.timeoutMs ?? 15_000;
   return new Promise((resolve, reject) => {
     // agent: false -> a fresh connection per request, nothing pooled across tests.
-    const req = httpRequest(url, { method, headers, agent: false }, (res) => {
+    const req = httpRequest(url, { method, headers, agent: opts.agent ?? false }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('error', reject);

@@ -15,13 +15,18 @@ const CANDIDATES = ['/usr/sbin/mosquitto', '/usr/local/sbin/mosquitto', '/opt/ho
 export const MOSQUITTO_BIN: string =
   process.env.MOSQUITTO_BIN ?? CANDIDATES.find((p) => existsSync(p)) ?? (CANDIDATES[0] as string);
 
+let warned = false;
+
 /** Whether tests that need mosquitto should run: yes when it is installed, and always under CI. */
 export function haveMosquitto(): boolean {
   if (existsSync(MOSQUITTO_BIN)) return true;
   if (process.env.CI === 'true') return true;
-  console.warn(
-    `SKIPPED: mosquitto not found at ${MOSQUITTO_BIN}; install it (apt-get install mosquitto) or set MOSQUITTO_BIN. Under CI=true these tests fail instead.`,
-  );
+  if (!warned) {
+    warned = true;
+    console.warn(
+      `SKIPPED: mosquitto not found at ${MOSQUITTO_BIN}; install it (apt-get install mosquitto) or set MOSQUITTO_BIN. Under CI=true these tests fail instead.`,
+    );
+  }
   return false;
 }
 

@@ -38,9 +38,11 @@ export async function startTestRelay(
   relays.add(relay);
   const stop = relay.stop;
   return Object.assign(relay, {
-    stop: () => {
+    /** relay.stop(), bounded: a stop that hangs fails the test instead of the hook timing out. */
+    stop: async (timeoutMs = 10_000) => {
       relays.delete(relay);
-      return stop();
+      const timeout = sleep(timeoutMs).then(() => 'timeout' as const);
+      if ((await Promise.race([stop(), timeout])) === 'timeout') throw new Error(`relay.stop() did not finish within ${timeoutMs} ms`);
     },
   });
 }
@@ -162,7 +164,7 @@ export async function spawnRelay(opts: SpawnOptions = {}): Promise<RelayProcess>
       const result = await Promise.race([exited, timeout]);
       if (result === 'timeout') {
         proc.kill('SIGKILL');
-        throw new Error(`relay did not exit within ${timeoutMs} ms of ${signal}; output:\n${lines.join('\n')}`);
+        throw new Error(`relay did not exit within ${timeoutMs} ms of ${signal}; last output:\n${lines.slice(-15).join('\n')}`);
       }
       return result;
     },
@@ -191,7 +193,7 @@ export async function spawnRelay(opts: SpawnOptions = {}): Promise<RelayProcess>
 }
 
 afterAll(async () => {
-  await Promise.all([...relays].map((r) => r.stop().catch(() => {})));
+  await Promise.all([...relays].map((r) => Promise.race([r.stop().catch(() => {}), sleep(5000)])));
   relays.clear();
   const procs = [...children];
   for (const p of procs) p.kill('SIGKILL');
