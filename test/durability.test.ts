@@ -48,11 +48,19 @@ function arrivals(sub: Subscriber): Map<string, number> {
   return seen;
 }
 
-async function waitForAll(sub: Subscriber, ok: Set<string>, timeoutMs = 20_000) {
-  await until(`all ${ok.size} notifications answered OK to arrive`, () => [...ok].every((id) => arrivals(sub).has(id)), {
-    timeoutMs,
-    intervalMs: 100,
-  });
+async function waitForAll(sub: Subscriber, ok: Set<string>, timeoutMs = 20_000, diagnose?: () => Promise<string>) {
+  try {
+    await until(`all ${ok.size} notifications answered OK to arrive`, () => [...ok].every((id) => arrivals(sub).has(id)), {
+      timeoutMs,
+      intervalMs: 100,
+    });
+  } catch (err) {
+    const seen = arrivals(sub);
+    const missing = [...ok].filter((id) => !seen.has(id));
+    throw new Error(
+      `${(err as Error).message}: ${missing.length} missing (${missing.slice(0, 5).join(', ')}), ${seen.size} arrived\n${diagnose ? await diagnose() : ''}`,
+    );
+  }
   const seen = arrivals(sub);
   return { duplicates: [...seen.values()].reduce((a, n) => a + n - 1, 0), seen };
 }
@@ -97,7 +105,12 @@ for (const sc of STORES) {
 
       expect(failed).toEqual([]);
       expect(ok.size).toBe(160);
-      const { duplicates } = await waitForAll(sub, ok);
+      const { duplicates } = await waitForAll(sub, ok, 20_000, async () =>
+        (await get(`${relay.url}/metrics`)).text
+          .split('\n')
+          .filter((l) => /^push_relay_(outbox|sink_outcomes|sink_ready|dead|dupl)/.test(l) && !/ 0$/.test(l))
+          .join('\n') + `\nbroker log: ${broker.log.slice(-10).join(' | ')}`,
+      );
       const text = (await get(`${relay.url}/metrics`)).text;
       console.log(
         `[${sc.name}] broker outage: ${ok.size} answered OK, all arrived; duplicates at the subscriber: ${duplicates}; ` +

@@ -3,7 +3,7 @@
 // Peer policy: locally a missing mosquitto skips the tests that need it (with the reason
 // printed); under CI=true those tests run and fail, so a broken CI image cannot pass green.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll } from 'vitest';
 import { freePort } from './ports.js';
@@ -66,6 +66,8 @@ export async function startMosquitto(opts: MosquittoOptions = {}): Promise<Mosqu
   if (!existsSync(MOSQUITTO_BIN)) throw new Error(`mosquitto binary not found at ${MOSQUITTO_BIN} (set MOSQUITTO_BIN)`);
   const port = await freePort();
   const dir = tempDir('push-relay-mosquitto-');
+  // Started as root, mosquitto drops to its own user, which must write its persistence file here.
+  if (opts.persistent) chmodSync(dir, 0o777);
   const conf = join(dir, 'mosquitto.conf');
   const persistence = opts.persistent
     ? ['persistence true', `persistence_location ${dir}/`, 'autosave_interval 1', 'autosave_on_changes true', 'max_queued_messages 0']
