@@ -89,7 +89,22 @@ export const createMqttSink: SinkFactory<MqttSinkConfig> = (name, config, { logg
     });
   }
 
+  // Publishes made in one event-loop turn (one per HTTP request that arrived in it) leave in
+  // one write: without this each took its own writev syscall, 16% of the relay's CPU.
+  let corked: MqttClient['stream'] | undefined;
+  function coalesceWrites(c: MqttClient) {
+    const stream = c.stream;
+    if (!stream || corked === stream) return;
+    corked = stream;
+    stream.cork();
+    setImmediate(() => {
+      corked = undefined;
+      stream.uncork();
+    });
+  }
+
   function publish(c: MqttClient, topic: string, body: string | Buffer): Promise<Outcome> {
+    coalesceWrites(c);
     return new Promise((resolve) => {
       c.publish(topic, body, { qos: config.qos, retain: config.retain }, (err) => {
         if (!err) return resolve(DELIVERED);

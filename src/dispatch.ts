@@ -4,6 +4,7 @@
 // Mattermost never retries (§0.5), so "OK" must mean "will be delivered": a delivery that has
 // not succeeded by its deadline, or that meets a sink which is down or saturated, is written
 // to the outbox before the reply goes out, and the outbox owns it from then on.
+import { setMaxListeners } from 'node:events';
 import type { Logger } from 'pino';
 import type { PushNotification, PushResponse } from './contract.js';
 import type { Metrics } from './metrics.js';
@@ -156,30 +157,58 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
  * One send bounded by `ms`; a throwing sink is a bug, reported as a permanent failure.
  * `onLate` hears the real outcome of a send that outlived its deadline.
  */
-export async function attempt(sink: Sink, n: PushNotification, ms: number, onLate?: (o: Outcome) => void): Promise<Outcome> {
-  const ac = new AbortController();
-  let timer: NodeJS.Timeout | undefined;
-  let timedOut = false;
-  const deadline = new Promise<Outcome>((resolve) => {
-    timer = setTimeout(() => {
-      timedOut = true;
-      ac.abort();
+export function attempt(sink: Sink, n: PushNotification, ms: number, onLate?: (o: Outcome) => void): Promise<Outcome> {
+  return new Promise((resolve) => {
+    let settled = false;
+    const deadline = joinDeadline(ms, () => {
+      if (settled) return;
+      settled = true;
       resolve({ kind: 'retryable', reason: 'deadline', detail: `no answer within ${ms} ms` });
-    }, ms);
-  });
-  // Promise.resolve().then: a send that throws synchronously is a bug like any other.
-  const sent = Promise.resolve()
-    .then(() => sink.send(n, ac.signal))
-    .catch((err: unknown): Outcome => ({ kind: 'permanent', reason: 'sink_error', detail: `sink failed: ${(err as Error)?.message ?? err}` }))
-    .then((o) => {
-      if (timedOut) onLate?.(o);
-      return o;
     });
-  try {
-    return await Promise.race([sent, deadline]);
-  } finally {
-    clearTimeout(timer);
+    let sent: Promise<Outcome>;
+    try {
+      sent = sink.send(n, deadline.signal);
+    } catch (err) {
+      sent = Promise.reject(err);
+    }
+    sent.then(undefined, bug).then((o) => {
+      deadline.leave();
+      if (!settled) {
+        settled = true;
+        resolve(o);
+      } else onLate?.(o);
+    });
+  });
+}
+
+const bug = (err: unknown): Outcome => ({ kind: 'permanent', reason: 'sink_error', detail: `sink failed: ${(err as Error)?.message ?? err}` });
+
+/**
+ * Deadlines shared by the attempts that start within the same 10 ms with the same length: one
+ * timer and one AbortSignal per group instead of per attempt (at 10 000 notifications/s those
+ * were 3% of the relay's CPU). An attempt gets between `ms` and `ms` + 10 ms.
+ */
+const GRANULARITY_MS = 10;
+type DeadlineGroup = { controller: AbortController; waiters: Set<() => void> };
+const groups = new Map<string, DeadlineGroup>();
+
+function joinDeadline(ms: number, onExpire: () => void): { signal: AbortSignal; leave(): void } {
+  const key = `${ms}:${Math.floor(Date.now() / GRANULARITY_MS)}`;
+  let group = groups.get(key);
+  if (!group) {
+    const g: DeadlineGroup = { controller: new AbortController(), waiters: new Set() };
+    setMaxListeners(0, g.controller.signal);
+    groups.set(key, g);
+    setTimeout(() => {
+      groups.delete(key);
+      g.controller.abort();
+      for (const expire of g.waiters) expire();
+    }, ms + GRANULARITY_MS);
+    group = g;
   }
+  const g = group;
+  g.waiters.add(onExpire);
+  return { signal: g.controller.signal, leave: () => g.waiters.delete(onExpire) };
 }
 
 /** A concurrency cap with a bounded wait queue: `enter()` is false when both are full. */

@@ -122,16 +122,21 @@ export function createMetrics(sinks: readonly Sink[], store?: Store) {
     for (const [kind, reason] of pairs) outcomes.labels(s.name, kind, reason).inc(0);
   }
 
+  // The hot path's label children, looked up once: prom-client hashes labels on every call.
+  const receivedBy = bound(received);
+  const repliesBy = bound(replies);
+  const outcomesBy = bound(outcomes);
+
   return {
     registry,
     received(type: string | undefined) {
-      received.labels(type && (PUSH_TYPES as readonly string[]).includes(type) ? type : 'other').inc();
+      receivedBy(type && (PUSH_TYPES as readonly string[]).includes(type) ? type : 'other').inc();
     },
     invalid(endpoint: 'send_push' | 'ack', problem: 'invalid_payload' | 'too_large') {
       invalid.labels(endpoint, problem).inc();
     },
     reply(status: PushStatus) {
-      replies.labels(status).inc();
+      repliesBy(status).inc();
     },
     ack() {
       acks.inc();
@@ -143,9 +148,19 @@ export function createMetrics(sinks: readonly Sink[], store?: Store) {
     suppressed: (sink: string) => suppressed.labels(sink).inc(),
     duplicate: (sink: string) => duplicates.labels(sink).inc(),
     outcome(sink: string, kind: OutcomeKind | 'queued', reason: string, seconds?: number) {
-      outcomes.labels(sink, kind, reason).inc();
+      outcomesBy(sink, kind, reason).inc();
       if (seconds !== undefined) perSink.get(sink)?.latency.observe(seconds);
     },
+  };
+}
+
+function bound<C extends { labels(...values: string[]): { inc(n?: number): void } }>(metric: C) {
+  const children = new Map<string, ReturnType<C['labels']>>();
+  return (...values: string[]): ReturnType<C['labels']> => {
+    const key = values.join('\u0000');
+    let child = children.get(key);
+    if (!child) children.set(key, (child = metric.labels(...values) as ReturnType<C['labels']>));
+    return child;
   };
 }
 

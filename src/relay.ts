@@ -1,8 +1,7 @@
 // Assembles a running relay from a config: sinks, routes, dispatcher, HTTP server, and an
 // orderly stop (stop accepting, answer what is in flight, close the sinks).
-import type { Server } from 'node:http';
+import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { serve } from '@hono/node-server';
 import type { Logger } from 'pino';
 import type { Config } from './config.js';
 import { createDispatcher } from './dispatch.js';
@@ -92,12 +91,13 @@ export async function startRelay(config: Config, logger: Logger = createLogger(c
 
 function listen(app: App, hostname: string, port: number): Promise<{ server: Server; port: number }> {
   return new Promise((resolve, reject) => {
-    const server = serve({ fetch: app.fetch, hostname, port }, (info: AddressInfo) => resolve({ server, port: info.port })) as Server;
+    const server = createServer(app.listener);
     // Mattermost's client keeps idle connections 90 s (contract §1.1). Closing ours sooner
     // races its next POST on a dying socket, and Go does not retry a POST: a lost push.
     server.keepAliveTimeout = 95_000;
     server.headersTimeout = 96_000;
     server.once('error', (err) => reject(new Error(`cannot listen on ${hostname}:${port}: ${err.message}`)));
+    server.listen(port, hostname, () => resolve({ server, port: (server.address() as AddressInfo).port }));
   });
 }
 

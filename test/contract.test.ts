@@ -2,11 +2,21 @@
 // the fields the relay cannot route without, and error texts that name the field, because
 // they end up in Mattermost's log.
 import { describe, expect, it } from 'vitest';
-import { hasText, parseBody, parsePlatform, PushAckSchema, PushNotificationSchema, type PushNotification } from '../src/contract.js';
+import {
+  FAST_FIELD_NAMES,
+  fastNotification,
+  hasText,
+  parseBody,
+  parsePlatform,
+  PushAckSchema,
+  PushNotificationSchema,
+  type PushNotification,
+} from '../src/contract.js';
 import { compileTemplate, mqttTopicLevel } from '../src/template.js';
 import { loadPayloads, messagePush } from './helpers/payloads.js';
 
-const parse = (body: unknown) => parseBody(PushNotificationSchema, typeof body === 'string' ? body : JSON.stringify(body));
+// As the relay parses: the hot-path check first, zod for everything it does not plainly accept.
+const parse = (body: unknown) => parseBody(PushNotificationSchema, typeof body === 'string' ? body : JSON.stringify(body), fastNotification);
 
 function ok(body: unknown): PushNotification {
   const r = parse(body);
@@ -242,4 +252,34 @@ describe('MQTT topic sanitising', () => {
   ])('sanitises %j to %j', (input, output) => {
     expect(mqttTopicLevel(input)).toBe(output);
   });
+});
+
+describe('the hot-path check agrees with the zod schema', () => {
+  it('covers exactly the schema fields, in order', () => {
+    expect(FAST_FIELD_NAMES).toEqual(Object.keys(PushNotificationSchema.shape));
+  });
+
+  const VALUES: unknown[] = [undefined, '', 'x', 0, -1, 3, 1.5, 2 ** 60, Infinity, true, false, [], {}];
+
+  it.each(loadPayloads().map((p) => [p.name, p] as const))(
+    'accepts only what zod accepts, with the same result, for every field of %s set to every kind of value',
+    (_name, p) => {
+      let fastAccepted = 0;
+      for (const field of FAST_FIELD_NAMES) {
+        for (const value of VALUES) {
+          const input: Record<string, unknown> = { ...p.json, extra: { nested: [1] } };
+          if (value === undefined) delete input[field];
+          else input[field] = value;
+          const viaZod = PushNotificationSchema.safeParse(structuredClone(input));
+          const viaFast = fastNotification(structuredClone(input));
+          if (viaFast === undefined) continue;
+          fastAccepted++;
+          expect(viaZod.success, `${field} = ${JSON.stringify(value)}: fast path accepted what zod rejects`).toBe(true);
+          expect(viaFast, `${field} = ${JSON.stringify(value)}`).toEqual(viaZod.data);
+        }
+      }
+      expect(fastNotification(structuredClone(p.json))).toEqual(PushNotificationSchema.parse(structuredClone(p.json)));
+      expect(fastAccepted).toBeGreaterThan(FAST_FIELD_NAMES.length);
+    },
+  );
 });
