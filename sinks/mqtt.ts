@@ -103,6 +103,13 @@ export const createMqttSink: SinkFactory<MqttSinkConfig> = (name, config, { logg
     });
   }
 
+  function publishTo(c: MqttClient, n: PushNotification, body: string | Buffer): Promise<Outcome> {
+    const topic = topicOf(n);
+    // MQTT 3.1.1 §1.5.3: at most 65535 bytes; mqtt.js would throw mid-write and stall the client.
+    if (topic.length > 21845 && Buffer.byteLength(topic) > 65535) return Promise.resolve(TOPIC_TOO_LONG);
+    return publish(c, topic, body);
+  }
+
   function publish(c: MqttClient, topic: string, body: string | Buffer): Promise<Outcome> {
     coalesceWrites(c);
     return new Promise((resolve) => {
@@ -154,16 +161,14 @@ export const createMqttSink: SinkFactory<MqttSinkConfig> = (name, config, { logg
       return { ready: false, state: client ? 'disconnected' : 'not started', ...(lastError ? { detail: lastError } : {}) };
     },
 
-    async send(n: PushNotification, signal: AbortSignal): Promise<Outcome> {
+    send(n: PushNotification, signal: AbortSignal): Promise<Outcome> {
       const body = bodyOf(n);
-      if (body === undefined) return NO_TEXT;
+      if (body === undefined) return Promise.resolve(NO_TEXT);
       const c = client;
-      if (!c) return NOT_CONNECTED;
-      if (!c.connected && !(await waitForConnect(signal))) return NOT_CONNECTED;
-      const topic = topicOf(n);
-      // MQTT 3.1.1 §1.5.3: at most 65535 bytes; mqtt.js would throw mid-write and stall the client.
-      if (Buffer.byteLength(topic) > 65535) return TOPIC_TOO_LONG;
-      return publish(c, topic, body);
+      if (!c) return Promise.resolve(NOT_CONNECTED);
+      // The common case stays free of extra promise hops: connected, publish now.
+      if (c.connected) return publishTo(c, n, body);
+      return waitForConnect(signal).then((up) => (up ? publishTo(c, n, body) : NOT_CONNECTED));
     },
 
     async close() {

@@ -68,7 +68,8 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
   async function one(sink: Sink, n: PushNotification, log: () => Logger): Promise<Delivery> {
     // Test pushes carry an empty ack_id (§2.2): each is its own request, never a resend.
     const key = outbox && n.ack_id !== '' ? n.ack_id : undefined;
-    if (key !== undefined && !(await outbox!.acquire(key, sink.name, opts.dedupWindowMs, log))) {
+    const fresh = key === undefined || outbox!.acquire(key, sink.name, opts.dedupWindowMs, log);
+    if (fresh === false || (fresh !== true && !(await fresh))) {
       metrics.suppressed(sink.name);
       metrics.outcome(sink.name, 'skipped', 'duplicate');
       return { sink, result: DUPLICATE };
@@ -94,7 +95,8 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
       return spill(sink, n, { kind: 'retryable', reason: 'sink_unavailable', detail: state.detail ?? state.state }, log);
     }
     const lane = laneOf(sink);
-    if (!(await lane.enter())) {
+    const entered = lane.enter();
+    if (entered === false || (entered !== true && !(await entered))) {
       return spill(sink, n, { kind: 'retryable', reason: 'backpressure', detail: 'sink saturated' }, log);
     }
     const started = performance.now();

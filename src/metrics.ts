@@ -18,6 +18,7 @@ export function createMetrics(sinks: readonly Sink[], store?: Store) {
     help: 'Valid notifications received from Mattermost, by push type (unknown types count as other).',
     labelNames: ['type'],
     registers: [registry],
+    collect: () => receivedBy.flush(),
   });
   for (const t of [...PUSH_TYPES, 'other']) received.labels(t).inc(0);
 
@@ -34,6 +35,7 @@ export function createMetrics(sinks: readonly Sink[], store?: Store) {
     help: 'Replies given to Mattermost for send_push, by status.',
     labelNames: ['status'],
     registers: [registry],
+    collect: () => repliesBy.flush(),
   });
   for (const s of ['OK', 'FAIL', 'REMOVE'] satisfies PushStatus[]) replies.labels(s).inc(0);
 
@@ -48,6 +50,7 @@ export function createMetrics(sinks: readonly Sink[], store?: Store) {
     help: 'What each delivery attempt came to, by sink, outcome and reason.',
     labelNames: ['sink', 'outcome', 'reason'],
     registers: [registry],
+    collect: () => outcomesBy.flush(),
   });
   const latency = new Histogram({
     name: 'push_relay_sink_latency_seconds',
@@ -122,21 +125,22 @@ export function createMetrics(sinks: readonly Sink[], store?: Store) {
     for (const [kind, reason] of pairs) outcomes.labels(s.name, kind, reason).inc(0);
   }
 
-  // The hot path's label children, looked up once: prom-client hashes labels on every call.
-  const receivedBy = bound(received);
-  const repliesBy = bound(replies);
-  const outcomesBy = bound(outcomes);
+  // The hot path adds to plain numbers; prom-client gets them when scraped (its inc() hashes
+  // labels and checks values on every call: 5% of the relay's CPU at 12 000 notifications/s).
+  const receivedBy = tally(received, 1);
+  const repliesBy = tally(replies, 1);
+  const outcomesBy = tally(outcomes, 3);
 
   return {
     registry,
     received(type: string | undefined) {
-      receivedBy(type && (PUSH_TYPES as readonly string[]).includes(type) ? type : 'other').inc();
+      receivedBy.inc(type && (PUSH_TYPES as readonly string[]).includes(type) ? type : 'other');
     },
     invalid(endpoint: 'send_push' | 'ack', problem: 'invalid_payload' | 'too_large') {
       invalid.labels(endpoint, problem).inc();
     },
     reply(status: PushStatus) {
-      repliesBy(status).inc();
+      repliesBy.inc(status);
     },
     ack() {
       acks.inc();
@@ -148,19 +152,39 @@ export function createMetrics(sinks: readonly Sink[], store?: Store) {
     suppressed: (sink: string) => suppressed.labels(sink).inc(),
     duplicate: (sink: string) => duplicates.labels(sink).inc(),
     outcome(sink: string, kind: OutcomeKind | 'queued', reason: string, seconds?: number) {
-      outcomesBy(sink, kind, reason).inc();
+      outcomesBy.inc(sink, kind, reason);
       if (seconds !== undefined) perSink.get(sink)?.latency.observe(seconds);
     },
   };
 }
 
-function bound<C extends { labels(...values: string[]): { inc(n?: number): void } }>(metric: C) {
-  const children = new Map<string, ReturnType<C['labels']>>();
-  return (...values: string[]): ReturnType<C['labels']> => {
-    const key = values.join('\u0000');
-    let child = children.get(key);
-    if (!child) children.set(key, (child = metric.labels(...values) as ReturnType<C['labels']>));
-    return child;
+type Cell = { labels: string[]; n: number };
+
+/** Increments kept as plain numbers per label combination, flushed into `counter` on scrape. */
+function tally(counter: Counter<string>, arity: 1 | 2 | 3) {
+  const index = new Map<string, Map<string, Map<string, Cell>>>();
+  const cells: Cell[] = [];
+  return {
+    inc(a: string, b = '', c = '') {
+      let byB = index.get(a);
+      if (!byB) index.set(a, (byB = new Map()));
+      let byC = byB.get(b);
+      if (!byC) byB.set(b, (byC = new Map()));
+      let cell = byC.get(c);
+      if (!cell) {
+        cell = { labels: [a, b, c].slice(0, arity), n: 0 };
+        byC.set(c, cell);
+        cells.push(cell);
+      }
+      cell.n++;
+    },
+    flush() {
+      for (const cell of cells) {
+        if (cell.n === 0) continue;
+        counter.labels(...cell.labels).inc(cell.n);
+        cell.n = 0;
+      }
+    },
   };
 }
 

@@ -33,7 +33,7 @@ export type Outbox = {
   /** Keeps a notification a sink refused for good, so an operator can replay it once the sink is fixed. */
   bury(sink: string, n: PushNotification, why: Extract<Outcome, { kind: 'permanent' | 'dead-token' }>): Promise<void>;
   cancel(id: number): Promise<boolean>;
-  acquire(ackId: string, sink: string, windowMs: number, log: () => Logger): Promise<boolean>;
+  acquire(ackId: string, sink: string, windowMs: number, log: () => Logger): boolean | Promise<boolean>;
   release(ackId: string, sink: string): Promise<void>;
   /** Starts the background worker (resuming whatever a previous run left behind). */
   start(): void;
@@ -187,13 +187,17 @@ export function createOutbox(opts: OutboxOptions): Outbox {
       metrics.deadLetter(sink);
     },
     cancel: (id) => store.cancel(id, Date.now()),
-    async acquire(ackId, sink, windowMs, reqLog) {
-      try {
-        return await store.dedupAcquire(ackId, sink, windowMs, Date.now());
-      } catch (err) {
-        // At-least-once beats at-most-once: without the window, deliver.
+    acquire(ackId, sink, windowMs, reqLog) {
+      // At-least-once beats at-most-once: without the window, deliver.
+      const unavailable = (err: unknown) => {
         reqLog().warn({ err: (err as Error).message }, 'dedup window unavailable; delivering anyway');
         return true;
+      };
+      try {
+        const got = store.dedupAcquire(ackId, sink, windowMs, Date.now());
+        return typeof got === 'boolean' ? got : got.catch(unavailable);
+      } catch (err) {
+        return unavailable(err);
       }
     },
     release: (ackId, sink) => store.dedupRelease(ackId, sink).catch(() => {}),

@@ -51,8 +51,9 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
   let inFlight = 0;
   let seq = 0;
 
+  const pid = process.pid.toString(36);
   async function sendPush(text: string, ua: string | undefined): Promise<PushResponse> {
-    const req = `${process.pid.toString(36)}-${(++seq).toString(36)}`;
+    const req = `${pid}-${(++seq).toString(36)}`;
     const parsed = parseBody(PushNotificationSchema, text, fastNotification);
     if (!parsed.ok) {
       metrics.invalid('send_push', 'invalid_payload');
@@ -195,9 +196,12 @@ function readLimited(req: IncomingMessage, limit: number): Promise<string | unde
   });
 }
 
+const OK_TEXT = JSON.stringify({ status: 'OK' } satisfies PushResponse);
+
 function send(res: ServerResponse, answer: Answer) {
   const json = typeof answer.body !== 'string';
-  const text = json ? JSON.stringify(answer.body) : (answer.body as string);
+  const body = answer.body;
+  const text = typeof body === 'string' ? body : body.status === 'OK' ? OK_TEXT : JSON.stringify(body);
   res.writeHead(answer.status, {
     'Content-Type': json ? 'application/json' : 'text/plain; charset=UTF-8',
     'Content-Length': Buffer.byteLength(text),

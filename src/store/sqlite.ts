@@ -168,11 +168,11 @@ export function openSqliteStore({ dataDir, owner }: SqliteOptions): Store {
     async expire(now) {
       return expire(now);
     },
-    async dedupAcquire(ackId, sink, windowMs, now) {
-      return dedup.acquire(`${sink}\u0000${ackId}`, windowMs, now);
+    dedupAcquire(ackId, sink, windowMs, now) {
+      return dedup.acquire(sink, ackId, windowMs, now);
     },
     async dedupRelease(ackId, sink) {
-      dedup.release(`${sink}\u0000${ackId}`);
+      dedup.release(sink, ackId);
     },
     async stats(): Promise<StoreStats> {
       const total = db.prepare('SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox').get() as { n: number; oldest: number | null };

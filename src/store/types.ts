@@ -44,8 +44,11 @@ export interface Store {
   /** Moves every delivery past its time to live to the dead letters; returns how many. */
   expire(now: number): Promise<number>;
 
-  /** Claims (ackId, sink) for `windowMs`; false when it was claimed already within the window. */
-  dedupAcquire(ackId: string, sink: string, windowMs: number, now: number): Promise<boolean>;
+  /**
+   * Claims (ackId, sink) for `windowMs`; false when it was claimed already within the window.
+   * Synchronous where the window lives in memory, so the hot path does not wait for nothing.
+   */
+  dedupAcquire(ackId: string, sink: string, windowMs: number, now: number): boolean | Promise<boolean>;
   dedupRelease(ackId: string, sink: string): Promise<void>;
 
   stats(): Promise<StoreStats>;
