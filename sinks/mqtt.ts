@@ -24,6 +24,7 @@ const PERMANENT_PUBACK: Record<number, string> = {
 const NOT_CONNECTED: Outcome = { kind: 'retryable', reason: 'broker_unavailable', detail: 'MQTT broker not connected' };
 const NO_TEXT: Outcome = { kind: 'skipped', reason: 'no_text' };
 const DELIVERED: Outcome = { kind: 'delivered' };
+const CONNECTED: SinkState = { ready: true, state: 'connected' };
 const TOPIC_TOO_LONG: Outcome = { kind: 'permanent', reason: 'topic_too_long', detail: 'rendered MQTT topic exceeds 65535 bytes' };
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms).unref());
 
@@ -51,6 +52,8 @@ export const createMqttSink: SinkFactory<MqttSinkConfig> = (name, config, { logg
       // We decide what happens to a publish while the broker is away (the dispatcher's
       // deadline and, later, the outbox); mqtt.js must not queue it behind our back.
       queueQoSZero: false,
+      // mqtt.js logs through `debug` on every packet; ours are the log lines that matter.
+      log: () => {},
       ...tlsOptions(config),
     };
     const c = mqtt.connect(url, opts);
@@ -157,7 +160,7 @@ export const createMqttSink: SinkFactory<MqttSinkConfig> = (name, config, { logg
     },
 
     state(): SinkState {
-      if (client?.connected) return { ready: true, state: 'connected' };
+      if (client?.connected) return CONNECTED;
       return { ready: false, state: client ? 'disconnected' : 'not started', ...(lastError ? { detail: lastError } : {}) };
     },
 

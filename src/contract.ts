@@ -157,20 +157,20 @@ export function parseBody<T>(
   body: string,
   fast?: (obj: Record<string, unknown>) => T | undefined,
 ): ParseResult<T> {
-  if (body.trim() === '') return { ok: false, error: 'empty body: expected a JSON object' };
   let json: unknown;
   try {
     json = JSON.parse(body);
   } catch (err) {
+    if (body.trim() === '') return { ok: false, error: 'empty body: expected a JSON object' };
     return { ok: false, error: `invalid JSON: ${(err as Error).message}` };
   }
   if (json === null || typeof json !== 'object' || Array.isArray(json)) {
     return { ok: false, error: `expected a JSON object, got ${kindOf(json)}` };
   }
-  const obj = withoutNulls(json as Record<string, unknown>);
-  const quick = fast?.(obj);
+  // The fast check rejects a null where a value is expected, so nulls only matter to zod.
+  const quick = fast?.(json as Record<string, unknown>);
   if (quick !== undefined) return { ok: true, value: quick };
-  const parsed = schema.safeParse(obj, { reportInput: true });
+  const parsed = schema.safeParse(withoutNulls(json as Record<string, unknown>), { reportInput: true });
   if (parsed.success) return { ok: true, value: parsed.data };
   return { ok: false, error: describeIssues(parsed.error) };
 }

@@ -191,26 +191,27 @@ const bug = (err: unknown): Outcome => ({ kind: 'permanent', reason: 'sink_error
  * were 3% of the relay's CPU). An attempt gets between `ms` and `ms` + 10 ms.
  */
 const GRANULARITY_MS = 10;
-type DeadlineGroup = { controller: AbortController; waiters: Set<() => void> };
-const groups = new Map<string, DeadlineGroup>();
+type DeadlineGroup = { slot: number; controller: AbortController; waiters: Set<() => void> };
+/** The open group per deadline length. */
+const groups = new Map<number, DeadlineGroup>();
 
 function joinDeadline(ms: number, onExpire: () => void): { signal: AbortSignal; leave(): void } {
-  const key = `${ms}:${Math.floor(Date.now() / GRANULARITY_MS)}`;
-  let group = groups.get(key);
-  if (!group) {
-    const g: DeadlineGroup = { controller: new AbortController(), waiters: new Set() };
-    setMaxListeners(0, g.controller.signal);
-    groups.set(key, g);
+  const slot = Math.floor(Date.now() / GRANULARITY_MS);
+  let g = groups.get(ms);
+  if (!g || g.slot !== slot) {
+    const group: DeadlineGroup = { slot, controller: new AbortController(), waiters: new Set() };
+    setMaxListeners(0, group.controller.signal);
+    groups.set(ms, group);
     setTimeout(() => {
-      groups.delete(key);
-      g.controller.abort();
-      for (const expire of g.waiters) expire();
+      if (groups.get(ms) === group) groups.delete(ms);
+      group.controller.abort();
+      for (const expire of group.waiters) expire();
     }, ms + GRANULARITY_MS);
-    group = g;
+    g = group;
   }
-  const g = group;
-  g.waiters.add(onExpire);
-  return { signal: g.controller.signal, leave: () => g.waiters.delete(onExpire) };
+  const group = g;
+  group.waiters.add(onExpire);
+  return { signal: group.controller.signal, leave: () => group.waiters.delete(onExpire) };
 }
 
 /** A concurrency cap with a bounded wait queue: `enter()` is false when both are full. */
