@@ -25,7 +25,8 @@ const ROUNDS = env('BENCH_ROUNDS', 3);
 const BACKLOG = env('BENCH_BACKLOG', 20_000);
 const OUTAGE = env('BENCH_OUTAGE_SECONDS', 60);
 const RATE = env('BENCH_RATE', 2000);
-const PAYLOAD = JSON.parse(readFileSync(resolve(ROOT, '../shared/contract/payloads/01-channel-post-full.json'), 'utf8'));
+const PAYLOAD_FILE = resolve(ROOT, '../shared/contract/payloads/01-channel-post-full.json');
+const PAYLOAD = JSON.parse(readFileSync(PAYLOAD_FILE, 'utf8'));
 
 for (const bin of ['/usr/bin/wrk', '/usr/sbin/mosquitto', '/usr/bin/mosquitto_sub']) {
   if (!existsSync(bin)) {
@@ -124,16 +125,16 @@ async function startRelay(brokerPort, store, extraEnv = {}) {
   return { p, url };
 }
 
+let wrkRun = 0;
+/** wrk with bench/post.lua: the realistic payload, a fresh ack_id per request (else dedup answers). */
 function wrk(url, seconds) {
-  const lua = join(tmp, 'post.lua');
-  writeFileSync(
-    lua,
-    `wrk.method = "POST"\nwrk.body = [[${JSON.stringify(PAYLOAD)}]]\nwrk.headers["User-Agent"] = "Mattermost-Bot/1.1"\nwrk.headers["Content-Type"] = nil\n`,
-  );
   return new Promise((res, rej) => {
-    const p = child('/usr/bin/wrk', ['-t2', '-c16', `-d${seconds}s`, '-s', lua, `${url}/api/v1/send_push`]);
+    const p = child('/usr/bin/wrk', ['-t2', '-c16', `-d${seconds}s`, '-s', join(ROOT, 'bench/post.lua'), `${url}/api/v1/send_push`], {
+      env: { ...process.env, BENCH_PAYLOAD: PAYLOAD_FILE, BENCH_RUN: String(process.pid % 1000 * 100 + wrkRun++) },
+    });
     let out = '';
     p.stdout.on('data', (b) => (out += b));
+    p.stderr.on('data', (b) => (out += b));
     p.on('exit', () => {
       const m = /Requests\/sec:\s+([\d.]+)/.exec(out);
       if (!m) return rej(new Error(`wrk: ${out}`));
@@ -207,6 +208,7 @@ await stopChild(broker);
   const got = sub.count();
   const secs = (Date.now() - (first || started)) / 1000;
   console.log(`   ${ok} answered OK, ${got} arrived; ${(got / secs).toFixed(0)}/s from the first to the last (${secs.toFixed(2)} s; target >= 10000/s: ${got / secs >= 10_000 ? 'PASS' : 'MISS'})${got < ok ? ' LOSS!' : ''}`);
+  console.log(`   the first arrived ${first ? ((first - started) / 1000).toFixed(2) : '-'} s after the broker started (the relay's reconnect backoff)`);
   await stopChild(sub.proc);
   await stopChild(relay.p);
 }
@@ -222,7 +224,14 @@ console.log(`3. outage: broker down for ${OUTAGE}s under ${RATE} posts/s; relay 
   let ok = 0;
   let sent = 0;
   const t0 = Date.now();
-  const sampler = setInterval(() => samples.push(rssMb(relay.p.pid)), 500);
+  const heap = [];
+  const sampler = setInterval(() => {
+    samples.push(rssMb(relay.p.pid));
+    fetch(`${relay.url}/metrics`)
+      .then((r) => r.text())
+      .then((t) => heap.push(Number(/^push_relay_nodejs_heap_size_used_bytes (\S+)/m.exec(t)?.[1] ?? NaN) / 1048576))
+      .catch(() => {});
+  }, 500);
   const pending = new Set();
   while (Date.now() - t0 < OUTAGE * 1000) {
     const due = Math.floor(((Date.now() - t0) / 1000) * RATE);
@@ -242,6 +251,8 @@ console.log(`3. outage: broker down for ${OUTAGE}s under ${RATE} posts/s; relay 
   const firstHalf = Math.max(...samples.slice(0, samples.length / 2));
   const achieved = sent / OUTAGE;
   console.log(`   ${sent} posted (${achieved.toFixed(0)}/s), ${ok} answered OK; RSS before ${before.toFixed(0)} MB, peak ${peak.toFixed(0)} MB (first half ${firstHalf.toFixed(0)} MB, last ${samples.at(-1).toFixed(0)} MB; target < 150 MB: ${peak < 150 ? 'PASS' : 'MISS'})`);
+  const tenths = [0.1, 0.3, 0.5, 0.7, 0.9].map((f) => samples[Math.floor(f * (samples.length - 1))].toFixed(0));
+  console.log(`   RSS over the outage (10/30/50/70/90%): ${tenths.join(' / ')} MB; V8 heap used: max ${Math.max(...heap.filter(Number.isFinite)).toFixed(0)} MB, last ${heap.at(-1)?.toFixed(0)} MB`);
   broker = await startBroker(brokerPort);
   const sub = counter(brokerPort);
   const end = Date.now() + 60_000;

@@ -1,7 +1,7 @@
 // "auto" broker: use the MQTT broker on 127.0.0.1:<port> if one answers, otherwise start an
 // embedded aedes broker there, so `mosquitto_sub -v -t 'mm/#'` works on a bare machine.
 import { createServer, type Server } from 'node:net';
-import { Aedes } from 'aedes';
+import type { Aedes } from 'aedes';
 import mqtt from 'mqtt';
 import type { Logger } from 'pino';
 
@@ -58,7 +58,9 @@ async function answersMqtt(url: string): Promise<boolean> {
 }
 
 async function startEmbedded(port: number) {
-  const broker = await Aedes.createBroker();
+  // Loaded only when needed: most installations publish to a broker of their own.
+  const { Aedes: Broker } = await import('aedes');
+  const broker = await Broker.createBroker();
   const server = createServer(broker.handle);
   await new Promise<void>((resolve, reject) => {
     server.once('error', (err) => {

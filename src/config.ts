@@ -106,7 +106,7 @@ const MqttSinkSchema = z.strictObject({
     })
     .optional(),
   reconnectMin: duration.default(500),
-  reconnectMax: duration.default(30_000),
+  reconnectMax: duration.default(10_000),
   ...sinkDelivery,
 });
 

@@ -11,7 +11,7 @@ import { haveMosquitto, startMosquitto } from './helpers/mosquitto.js';
 import { subscribe, type Subscriber } from './helpers/mqtt.js';
 import { messagePush, payload } from './helpers/payloads.js';
 import { createDatabase, havePostgres } from './helpers/postgres.js';
-import { CLI, spawnRelay, startTestRelay } from './helpers/relay.js';
+import { CLI, runCli, spawnRelay, startTestRelay } from './helpers/relay.js';
 import { tempDir } from './helpers/tmp.js';
 import { sleep, until } from './helpers/wait.js';
 
@@ -171,6 +171,62 @@ for (const sc of STORES) {
       expect(seen.get('')).toBe(3);
       expect(metric((await get(`${relay.url}/metrics`)).text, 'push_relay_duplicates_suppressed_total')).toBe(2);
       await relay.stop();
+    });
+
+    it('spills to the outbox beyond the sink\'s concurrency cap and queue instead of waiting, and delivers it all', async () => {
+      const broker = await startMosquitto();
+      const sub = await subscribe(broker.url, 'mm/#');
+      const relay = await startTestRelay({
+        store: await sc.store(),
+        dataDir: tempDir(),
+        delivery: { ...FAST_RETRY, deadline: '3s', concurrency: 2, queue: 1 },
+        sinks: { j: jsonSink(broker.url) },
+      });
+      // A hung broker holds the two slots and the one queue place for the whole deadline.
+      broker.pause();
+      const ok = new Set<string>();
+      const started = Date.now();
+      const replies = await Promise.all(
+        Array.from({ length: 10 }, async () => {
+          const p = push();
+          const r = await post(`${relay.url}/api/v1/send_push`, p.body);
+          if ((r.json as { status: string }).status === 'OK') ok.add(p.ackId);
+          return Date.now() - started;
+        }),
+      );
+      // 7 of 10 were answered at once (spilled), not after the 3 s deadline.
+      expect(replies.filter((ms) => ms < 1500).length).toBe(7);
+      const text = (await get(`${relay.url}/metrics`)).text;
+      expect(metric(text, 'push_relay_sink_outcomes_total{sink="j",outcome="queued",reason="backpressure"}')).toBe(7);
+      broker.resume();
+      expect(ok.size).toBe(10);
+      await waitForAll(sub, ok);
+      await relay.stop();
+    });
+
+    it('shows, retries and purges the outbox from the command line', async () => {
+      const broker = await startMosquitto();
+      const config = { store: await sc.store(), dataDir: tempDir(), delivery: { ...FAST_RETRY, retryMin: '1h', retryMax: '1h' }, sinks: { j: jsonSink(broker.url) } };
+      const file = join(tempDir(), 'config.json');
+      writeFileSync(file, JSON.stringify(config));
+      const relay = await startTestRelay(config);
+      await broker.stop();
+      await until('the sink to notice the broker is gone', async () => (await get(`${relay.url}/readyz`)).status === 503);
+      const ids = [push(), push(), push()];
+      for (const p of ids) expect((await post(`${relay.url}/api/v1/send_push`, p.body)).json).toEqual({ status: 'OK' });
+      await relay.stop();
+
+      const stats = await runCli(['outbox', 'stats', '--config', file]);
+      expect(stats.stdout).toMatch(/^outbox: 3 pending/m);
+      expect(stats.stdout).toMatch(/^ {2}j: 3$/m);
+      const list = await runCli(['outbox', 'list', '--config', file]);
+      for (const p of ids) expect(list.stdout).toContain(`ack_id=${p.ackId}`);
+      expect((await runCli(['outbox', 'retry', '--config', file])).stdout).toMatch(/^3 deliveries due now/m);
+      const refused = await runCli(['outbox', 'purge', '--config', file]);
+      expect(refused.code).not.toBe(0);
+      expect(refused.stderr).toContain('--yes');
+      expect((await runCli(['outbox', 'purge', '--yes', '--config', file])).stdout).toMatch(/^3 deliveries deleted/m);
+      expect((await runCli(['outbox', 'stats', '--config', file])).stdout).toMatch(/^outbox: 0 pending/m);
     });
 
     it('keeps a notification the broker refuses as a dead letter, and replays it once the broker is fixed', async () => {
