@@ -4,7 +4,8 @@
 // holding a claim only delays those deliveries until the lease ends.
 // Tables are prefixed `push_relay_` so they can live in a database Mattermost admins already run.
 import pg from 'pg';
-import type { DeadLetter, NewDelivery, PendingDelivery, Store, StoreStats } from './types.js';
+import { groupCommit, toDeadLetter, toPending, type DeadRow, type Row } from './shared.js';
+import type { NewDelivery, Store, StoreStats } from './types.js';
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS push_relay_outbox (
@@ -40,32 +41,6 @@ CREATE TABLE IF NOT EXISTS push_relay_dedup (
 );
 `;
 
-type Row = {
-  id: string;
-  sink: string;
-  ack_id: string;
-  payload: string;
-  created_at: string;
-  expires_at: string;
-  next_attempt_at: string;
-  attempts: number;
-  last_error: string;
-};
-type DeadRow = Row & { failed_at: string; reason: string };
-
-// BIGINT arrives as a string (it may exceed 2^53); our values are epoch milliseconds and ids.
-const toPending = (r: Row): PendingDelivery => ({
-  id: Number(r.id),
-  sink: r.sink,
-  ackId: r.ack_id,
-  payload: r.payload,
-  createdAt: Number(r.created_at),
-  expiresAt: Number(r.expires_at),
-  nextAttemptAt: Number(r.next_attempt_at),
-  attempts: r.attempts,
-  lastError: r.last_error,
-});
-
 export async function openPostgresStore(url: string): Promise<Store> {
   const pool = new pg.Pool({ connectionString: url, max: 10, connectionTimeoutMillis: 5000 });
   pool.on('error', () => {
@@ -81,38 +56,26 @@ export async function openPostgresStore(url: string): Promise<Store> {
     client.release();
   }
 
-  // Group commit, as in the SQLite store: one multi-row INSERT per event-loop turn.
-  let batch: Array<{ rows: readonly NewDelivery[]; resolve: (ids: number[]) => void; reject: (e: unknown) => void }> = [];
-  async function flush() {
-    const current = batch;
-    batch = [];
-    const rows = current.flatMap((b) => b.rows);
-    try {
-      const ids: number[] = [];
-      for (let off = 0; off < rows.length; off += 1000) {
-        const chunk = rows.slice(off, off + 1000);
-        const values: unknown[] = [];
-        const tuples = chunk.map((r, i) => {
-          values.push(r.sink, r.ackId, r.payload, r.createdAt, r.expiresAt, r.nextAttemptAt, r.attempts, r.lastError);
-          const p = i * 8;
-          return `($${p + 1},$${p + 2},$${p + 3},$${p + 4},$${p + 5},$${p + 6},$${p + 7},$${p + 8})`;
-        });
-        const res = await pool.query<{ id: string }>(
-          `INSERT INTO push_relay_outbox (sink, ack_id, payload, created_at, expires_at, next_attempt_at, attempts, last_error)
-           VALUES ${tuples.join(',')} RETURNING id`,
-          values,
-        );
-        ids.push(...res.rows.map((r) => Number(r.id)));
-      }
-      let i = 0;
-      for (const b of current) {
-        b.resolve(ids.slice(i, i + b.rows.length));
-        i += b.rows.length;
-      }
-    } catch (err) {
-      for (const b of current) b.reject(err);
+  // Group commit: one multi-row INSERT per event-loop turn.
+  const commits = groupCommit(async (rows: NewDelivery[]) => {
+    const ids: number[] = [];
+    for (let off = 0; off < rows.length; off += 1000) {
+      const chunk = rows.slice(off, off + 1000);
+      const values: unknown[] = [];
+      const tuples = chunk.map((r, i) => {
+        values.push(r.sink, r.ackId, r.payload, r.createdAt, r.expiresAt, r.nextAttemptAt, r.attempts, r.lastError);
+        const p = i * 8;
+        return `($${p + 1},$${p + 2},$${p + 3},$${p + 4},$${p + 5},$${p + 6},$${p + 7},$${p + 8})`;
+      });
+      const res = await pool.query<{ id: string }>(
+        `INSERT INTO push_relay_outbox (sink, ack_id, payload, created_at, expires_at, next_attempt_at, attempts, last_error)
+         VALUES ${tuples.join(',')} RETURNING id`,
+        values,
+      );
+      ids.push(...res.rows.map((r) => Number(r.id)));
     }
-  }
+    return ids;
+  });
 
   const q = async <R extends pg.QueryResultRow>(sql: string, params: unknown[] = []) => (await pool.query<R>(sql, params)).rows;
   const n = async (sql: string, params: unknown[] = []) => (await pool.query(sql, params)).rowCount ?? 0;
@@ -121,12 +84,7 @@ export async function openPostgresStore(url: string): Promise<Store> {
 
   return {
     kind: 'postgres',
-    enqueue(rows) {
-      return new Promise((resolve, reject) => {
-        if (batch.length === 0) setImmediate(() => void flush());
-        batch.push({ rows, resolve, reject });
-      });
-    },
+    enqueue: commits.enqueue,
     async claim(sinks, limit, leaseMs, now) {
       if (sinks.length === 0) return [];
       const rows = await q<Row>(
@@ -218,9 +176,7 @@ export async function openPostgresStore(url: string): Promise<Store> {
       return sink ? n('DELETE FROM push_relay_outbox WHERE sink = $1', [sink]) : n('DELETE FROM push_relay_outbox');
     },
     async deadLetters(limit) {
-      return (await q<DeadRow>('SELECT * FROM push_relay_dead_letters ORDER BY failed_at DESC, id DESC LIMIT $1', [limit])).map(
-        (r): DeadLetter => ({ ...toPending(r), failedAt: Number(r.failed_at), reason: r.reason }),
-      );
+      return (await q<DeadRow>('SELECT * FROM push_relay_dead_letters ORDER BY failed_at DESC, id DESC LIMIT $1', [limit])).map(toDeadLetter);
     },
     async replay(ids, now, ttlMs) {
       const c = await pool.connect();
@@ -248,7 +204,7 @@ export async function openPostgresStore(url: string): Promise<Store> {
       }
     },
     async close() {
-      if (batch.length) await flush();
+      await commits.flush();
       await pool.end();
     },
   };

@@ -9,7 +9,8 @@ import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { createMemoryDedup } from './dedup.js';
-import type { DeadLetter, NewDelivery, PendingDelivery, Store, StoreStats } from './types.js';
+import { groupCommit, toDeadLetter, toPending, type DeadRow, type Row } from './shared.js';
+import type { NewDelivery, PendingDelivery, Store, StoreStats } from './types.js';
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS outbox (
@@ -38,31 +39,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
   reason TEXT NOT NULL
 );
 `;
-
-type Row = {
-  id: number;
-  sink: string;
-  ack_id: string;
-  payload: string;
-  created_at: number;
-  expires_at: number;
-  next_attempt_at: number;
-  attempts: number;
-  last_error: string;
-};
-type DeadRow = Row & { failed_at: number; reason: string };
-
-const toPending = (r: Row): PendingDelivery => ({
-  id: r.id,
-  sink: r.sink,
-  ackId: r.ack_id,
-  payload: r.payload,
-  createdAt: r.created_at,
-  expiresAt: r.expires_at,
-  nextAttemptAt: r.next_attempt_at,
-  attempts: r.attempts,
-  lastError: r.last_error,
-});
 
 export type SqliteOptions = {
   dataDir: string;
@@ -121,33 +97,13 @@ export function openSqliteStore({ dataDir, owner }: SqliteOptions): Store {
     return expireDelete.run({ now }).changes;
   });
 
-  // Group commit: every enqueue in one event-loop turn shares one transaction.
-  let batch: Array<{ rows: readonly NewDelivery[]; resolve: (ids: number[]) => void; reject: (e: unknown) => void }> = [];
-  function flush() {
-    const current = batch;
-    batch = [];
-    try {
-      const ids = insertMany(current.flatMap((b) => b.rows));
-      let i = 0;
-      for (const b of current) {
-        b.resolve(ids.slice(i, i + b.rows.length));
-        i += b.rows.length;
-      }
-    } catch (err) {
-      for (const b of current) b.reject(err);
-    }
-  }
+  const commits = groupCommit(insertMany);
 
   const dedup = createMemoryDedup();
 
   return {
     kind: 'sqlite',
-    enqueue(rows) {
-      return new Promise((resolve, reject) => {
-        if (batch.length === 0) setImmediate(flush);
-        batch.push({ rows, resolve, reject });
-      });
-    },
+    enqueue: commits.enqueue,
     async claim(sinks, limit, leaseMs, now) {
       if (sinks.length === 0) return [];
       const rows = claimStmt.all({ until: now + leaseMs, now, sinks: JSON.stringify(sinks), limit }) as Row[];
@@ -192,9 +148,7 @@ export function openSqliteStore({ dataDir, owner }: SqliteOptions): Store {
       return db.prepare(sql).run(...(sink ? [sink] : [])).changes;
     },
     async deadLetters(limit) {
-      return (db.prepare('SELECT * FROM dead_letters ORDER BY failed_at DESC, id DESC LIMIT ?').all(limit) as DeadRow[]).map(
-        (r): DeadLetter => ({ ...toPending(r), failedAt: r.failed_at, reason: r.reason }),
-      );
+      return (db.prepare('SELECT * FROM dead_letters ORDER BY failed_at DESC, id DESC LIMIT ?').all(limit) as DeadRow[]).map(toDeadLetter);
     },
     async replay(ids, now, ttlMs) {
       const rows = (
@@ -221,7 +175,7 @@ export function openSqliteStore({ dataDir, owner }: SqliteOptions): Store {
       return rows.length;
     },
     async close() {
-      if (batch.length) flush();
+      await commits.flush();
       dedup.close();
       db.close();
     },
