@@ -87,9 +87,10 @@ const FAST_FIELDS: ReadonlyArray<readonly [string, 'required' | 'string' | 'bool
 
 /** The notification if `obj` (nulls already dropped) plainly conforms, else undefined. */
 export function fastNotification(obj: Record<string, unknown>): PushNotification | undefined {
-  for (const [key, kind] of FAST_FIELDS) {
+  for (let i = 0; i < FAST_KEYS.length; i++) {
+    const key = FAST_KEYS[i] as string;
     const v = obj[key];
-    switch (kind) {
+    switch (FAST_KINDS[i]) {
       case 'required':
         if (typeof v !== 'string' || v === '') return undefined;
         break;
@@ -111,7 +112,9 @@ export function fastNotification(obj: Record<string, unknown>): PushNotification
   }
   return obj as PushNotification;
 }
-export const FAST_FIELD_NAMES = FAST_FIELDS.map(([k]) => k);
+const FAST_KEYS = FAST_FIELDS.map(([k]) => k);
+const FAST_KINDS = FAST_FIELDS.map(([, kind]) => kind);
+export const FAST_FIELD_NAMES: readonly string[] = FAST_KEYS;
 
 /** What a phone's ack looks like after the server re-marshals it (§3.3). */
 export const PushAckSchema = z.looseObject({

@@ -51,6 +51,7 @@ export type DispatcherOptions = {
 };
 
 const DUPLICATE: Result = { kind: 'skipped', reason: 'duplicate' };
+const inArray = (d: Delivery) => [d];
 
 export function createDispatcher(opts: DispatcherOptions): Dispatcher {
   const { metrics, outbox } = opts;
@@ -149,7 +150,7 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
 
   return {
     deliver(n, targets, log) {
-      if (targets.length === 1) return one(targets[0] as Sink, n, log).then((d) => [d]);
+      if (targets.length === 1) return one(targets[0] as Sink, n, log).then(inArray);
       return Promise.all(targets.map((s) => one(s, n, log)));
     },
   };

@@ -197,11 +197,17 @@ function readLimited(req: IncomingMessage, limit: number): Promise<string | unde
 }
 
 const OK_TEXT = JSON.stringify({ status: 'OK' } satisfies PushResponse);
+const OK_HEADERS = { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(OK_TEXT) };
 
 function send(res: ServerResponse, answer: Answer) {
-  const json = typeof answer.body !== 'string';
   const body = answer.body;
-  const text = typeof body === 'string' ? body : body.status === 'OK' ? OK_TEXT : JSON.stringify(body);
+  if (answer.status === 200 && typeof body !== 'string' && body.status === 'OK') {
+    res.writeHead(200, OK_HEADERS);
+    res.end(OK_TEXT);
+    return;
+  }
+  const json = typeof body !== 'string';
+  const text = typeof body === 'string' ? body : JSON.stringify(body);
   res.writeHead(answer.status, {
     'Content-Type': json ? 'application/json' : 'text/plain; charset=UTF-8',
     'Content-Length': Buffer.byteLength(text),
