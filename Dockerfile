@@ -27,5 +27,5 @@ VOLUME /data
 EXPOSE 8066
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
   CMD node -e "fetch('http://127.0.0.1:8066/healthz').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"
-ENTRYPOINT ["node", "dist/src/cli.js"]
+ENTRYPOINT ["dist/src/cli.js"]
 CMD ["serve"]

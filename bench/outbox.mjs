@@ -106,7 +106,8 @@ function counter(port) {
 async function startRelay(brokerPort, store, extraEnv = {}) {
   const port = await freePort();
   const dataDir = mkdtempSync(join(tmp, 'data-'));
-  const p = child(process.execPath, [join(ROOT, 'dist/src/cli.js'), 'serve'], {
+  // Through its shebang, as npm start and the bin run it (with the relay's V8 flags).
+  const p = child(join(ROOT, 'dist/src/cli.js'), ['serve'], {
     cwd: ROOT,
     env: {
       ...process.env,

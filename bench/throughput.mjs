@@ -294,7 +294,8 @@ async function startRelay(broker) {
   const port = await hostNet.port();
   // Its default config (what `push-relay serve` does with no file), except where it keeps its
   // state (outbox, dedup): our temp dir, fresh for each run, never the repo's ./data.
-  const proc = start('relay', process.execPath, [join(ROOT, 'dist/src/cli.js'), 'serve'], {
+  // Through its shebang, as npm start and the bin run it (with the relay's V8 flags).
+  const proc = start('relay', join(ROOT, 'dist/src/cli.js'), ['serve'], {
     cwd: tmp,
     env: {
       ...process.env,

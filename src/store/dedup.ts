@@ -17,7 +17,7 @@ const GENERATIONS = 3;
 
 /**
  * `maxEntriesPerScope` bounds memory (~70 bytes an id) under a high rate: generations then turn
- * early, so at 14 000 notifications/s the window is ~30 s rather than its configured length.
+ * early, so at 14 000 notifications/s the window is ~20 s rather than its configured length.
  */
 export function createMemoryDedup(maxEntriesPerScope = 300_000): MemoryDedup {
   const scopes = new Map<string, Scope>();
