@@ -59,7 +59,7 @@ export function createMetrics(sinks: readonly Sink[], store?: Store) {
     buckets: LATENCY_BUCKETS,
     registers: [registry],
   });
-  const sinkUp = new Gauge({
+  new Gauge({
     name: 'push_relay_sink_ready',
     help: '1 when the sink is connected and ready, else 0.',
     labelNames: ['sink'],
@@ -68,7 +68,6 @@ export function createMetrics(sinks: readonly Sink[], store?: Store) {
       for (const s of sinks) this.labels(s.name).set(s.state().ready ? 1 : 0);
     },
   });
-  void sinkUp;
 
   const perSinkCounter = (name: string, help: string) => {
     const c = new Counter({ name, help, labelNames: ['sink'], registers: [registry] });

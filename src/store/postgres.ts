@@ -21,6 +21,7 @@ CREATE TABLE IF NOT EXISTS push_relay_outbox (
   claimed_until BIGINT NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS push_relay_outbox_due ON push_relay_outbox (next_attempt_at, id);
+CREATE INDEX IF NOT EXISTS push_relay_outbox_expiry ON push_relay_outbox (expires_at);
 CREATE TABLE IF NOT EXISTS push_relay_dead_letters (
   id BIGSERIAL PRIMARY KEY,
   sink TEXT NOT NULL,

@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS outbox (
   claimed_until INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, id);
+CREATE INDEX IF NOT EXISTS outbox_expiry ON outbox (expires_at);
 CREATE TABLE IF NOT EXISTS dead_letters (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   sink TEXT NOT NULL,
