@@ -27,5 +27,6 @@ VOLUME /data
 EXPOSE 8066
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
   CMD node -e "fetch('http://127.0.0.1:8066/healthz').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"
-ENTRYPOINT ["dist/src/cli.js"]
+# Through the shebang, which carries the relay's V8 flags (see src/cli.ts).
+ENTRYPOINT ["/app/dist/src/cli.js"]
 CMD ["serve"]
