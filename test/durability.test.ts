@@ -229,6 +229,58 @@ for (const sc of STORES) {
       expect((await runCli(['outbox', 'stats', '--config', file])).stdout).toMatch(/^outbox: 0 pending/m);
     });
 
+    it('turns a delivery that outlives its time to live into a dead letter saying so', async () => {
+      const broker = await startMosquitto();
+      const config = { store: await sc.store(), dataDir: tempDir(), sinks: { j: { ...jsonSink(broker.url), ttl: '1s' } } };
+      const file = join(tempDir(), 'config.json');
+      writeFileSync(file, JSON.stringify(config));
+      const relay = await startTestRelay(config);
+      await broker.stop();
+      await until('the sink to notice the broker is gone', async () => (await get(`${relay.url}/readyz`)).status === 503);
+      const p = push();
+      expect((await post(`${relay.url}/api/v1/send_push`, p.body)).json).toEqual({ status: 'OK' });
+      const queued = (await get(`${relay.url}/metrics`)).text;
+      expect(metric(queued, 'push_relay_outbox_depth{sink="j"}')).toBe(1);
+      expect(metric(queued, 'push_relay_outbox_oldest_age_seconds')).toBeGreaterThanOrEqual(0);
+      await until('the expired delivery to become a dead letter', async () => {
+        const text = (await get(`${relay.url}/metrics`)).text;
+        return metric(text, 'push_relay_outbox_depth{sink="j"}') === 0 && metric(text, 'push_relay_dead_letters ') === 1;
+      }, { timeoutMs: 8000, intervalMs: 200 });
+      await relay.stop();
+      const listed = await runCli(['dead-letters', 'list', '--config', file]);
+      expect(listed.stdout).toContain(`ack_id=${p.ackId}`);
+      expect(listed.stdout).toMatch(/reason: expired: time to live passed/);
+    });
+
+    it('gives up after the attempt budget and keeps a dead letter with the last error', async () => {
+      const broker = await startMosquitto();
+      const config = {
+        store: await sc.store(),
+        dataDir: tempDir(),
+        delivery: { deadline: '300ms', retryMin: '50ms', retryMax: '100ms' },
+        sinks: { j: { ...jsonSink(broker.url), maxAttempts: 2 } },
+      };
+      const file = join(tempDir(), 'config.json');
+      writeFileSync(file, JSON.stringify(config));
+      const relay = await startTestRelay(config);
+      // Connected but silent: every attempt, first and retried, runs into its deadline.
+      broker.pause();
+      const p = push();
+      expect((await post(`${relay.url}/api/v1/send_push`, p.body)).json).toEqual({ status: 'OK' });
+      await until('the delivery to be given up on', async () => metric((await get(`${relay.url}/metrics`)).text, 'push_relay_dead_letters_total{sink="j"}') === 1, {
+        timeoutMs: 8000,
+        intervalMs: 100,
+      });
+      const text = (await get(`${relay.url}/metrics`)).text;
+      expect(metric(text, 'push_relay_outbox_retries_total{sink="j"}')).toBe(0);
+      broker.resume();
+      await relay.stop();
+      const listed = await runCli(['dead-letters', 'list', '--config', file]);
+      expect(listed.stdout).toContain(`ack_id=${p.ackId}`);
+      expect(listed.stdout).toMatch(/attempts=2/);
+      expect(listed.stdout).toMatch(/reason: gave up after 2 attempts: no answer within 300 ms/);
+    });
+
     it('keeps a notification the broker refuses as a dead letter, and replays it once the broker is fixed', async () => {
       // mosquitto drops root for its own user, which must be able to read the ACL file.
       const aclDir = tempDir();
