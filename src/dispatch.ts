@@ -101,28 +101,29 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
       return spill(sink, n, { kind: 'retryable', reason: 'backpressure', detail: 'sink saturated' }, log);
     }
     const started = performance.now();
-    let resolveId!: (id: number | undefined) => void;
-    const queued = new Promise<number | undefined>((r) => (resolveId = r));
+    // An attempt that passes its deadline may still succeed. Then its outbox copy is taken
+    // back if no worker has claimed it yet; otherwise the notification went out twice.
+    let copyId: number | undefined;
+    let deliveredLate = false;
+    const takeBack = (id: number) => {
+      void outbox!.cancel(id).then((cancelled) => cancelled || metrics.duplicate(sink.name), () => metrics.duplicate(sink.name));
+    };
     const outcome = await attempt(sink, n, opts.policy(sink.name).deadlineMs, (late) => {
-      // The attempt that passed its deadline went through after all: take back the outbox copy
-      // if no worker has claimed it yet; otherwise the notification was delivered twice.
-      if (late.kind !== 'delivered') return;
-      void queued.then(async (id) => {
-        if (id !== undefined && !(await outbox!.cancel(id))) metrics.duplicate(sink.name);
-      });
+      if (late.kind !== 'delivered' || !outbox) return;
+      if (copyId !== undefined) takeBack(copyId);
+      else deliveredLate = true;
     }).finally(() => lane.leave());
     metrics.outcome(sink.name, outcome.kind, 'reason' in outcome ? outcome.reason : '', (performance.now() - started) / 1000);
     if (outcome.kind === 'permanent' && outbox) {
-      resolveId(undefined);
       // FAIL tells Mattermost; the dead letter lets an operator replay it once the sink is fixed.
       await outbox.bury(sink.name, n, outcome).catch((err) => log().error({ err: (err as Error).message }, 'cannot write the dead letter'));
       return outcome;
     }
-    if (outcome.kind !== 'retryable' || !outbox) {
-      resolveId(undefined);
-      return outcome;
-    }
-    return spill(sink, n, outcome, log, resolveId);
+    if (outcome.kind !== 'retryable' || !outbox) return outcome;
+    return spill(sink, n, outcome, log, (id) => {
+      if (deliveredLate) takeBack(id);
+      else copyId = id;
+    });
   }
 
   async function spill(
@@ -130,19 +131,15 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
     n: PushNotification,
     why: Extract<Outcome, { kind: 'retryable' }>,
     log: () => Logger,
-    onId?: (id: number | undefined) => void,
+    onStored?: (id: number) => void,
   ): Promise<Result> {
-    if (!outbox) {
-      onId?.(undefined);
-      return why;
-    }
+    if (!outbox) return why;
     try {
       const id = await outbox.enqueue(sink.name, n, why);
-      onId?.(id);
+      onStored?.(id);
       metrics.outcome(sink.name, 'queued', why.reason);
       return { kind: 'queued', reason: why.reason, detail: why.detail };
     } catch (err) {
-      onId?.(undefined);
       log().error({ sink: sink.name, err: (err as Error).message }, 'cannot write to the outbox: answering FAIL');
       return { kind: 'retryable', reason: 'outbox_unavailable', detail: `${why.detail ?? why.reason}; outbox write failed: ${(err as Error).message}` };
     }
