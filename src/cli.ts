@@ -19,6 +19,8 @@ Usage:
                                        inspect the outbox; retry makes every pending delivery due now
   push-relay dead-letters list|replay [ID ...|--all] [--limit N] [--config FILE]
                                        inspect or replay deliveries given up on
+  push-relay send [--url URL] [--message TEXT] [--channel NAME] [--type TYPE]
+                                       post a test notification the way Mattermost does, print the reply
   push-relay version                   print the version
 
 With no config file the relay listens on 0.0.0.0:8066 and publishes each notification's text
@@ -169,6 +171,47 @@ async function storeCommand(kind: 'outbox' | 'dead-letters', args: string[]) {
   }
 }
 
+/**
+ * Posts one notification shaped like Mattermost's (contract §2: a channel post, fresh 26-char
+ * ack_id, no Content-Type, User-Agent Mattermost-Bot/1.1) and prints the relay's reply.
+ */
+async function sendCommand(args: string[]) {
+  const url = (option(args, '--url') ?? `http://127.0.0.1:${process.env.PUSH_RELAY_PORT || 8066}`).replace(/\/+$/, '');
+  const alphabet = 'abcdefghijkmnopqrstuwxyz13456789';
+  const id = () => Array.from({ length: 26 }, () => alphabet[Math.floor(Math.random() * alphabet.length)]).join('');
+  const type = option(args, '--type') ?? 'message';
+  const push = {
+    ack_id: id(),
+    platform: 'android_rn-v2',
+    server_id: id(),
+    device_id: `push-relay-send:${id()}`,
+    post_id: type === 'message' ? id() : '',
+    ...(type === 'message' ? { category: 'CAN_REPLY', message: option(args, '--message') ?? '@push-relay: hello from push-relay send', badge: 1 } : {}),
+    channel_id: id(),
+    channel_name: option(args, '--channel') ?? 'Town Square',
+    type,
+    sender_name: '@push-relay',
+    version: 'v2',
+    is_crt_enabled: false,
+    is_id_loaded: false,
+    signature: '',
+  };
+  const res = await fetch(`${url}/api/v1/send_push`, {
+    method: 'POST',
+    headers: { 'User-Agent': 'Mattermost-Bot/1.1' },
+    body: Buffer.from(JSON.stringify(push)),
+  }).catch((err: Error) => fail(`cannot reach ${url}: ${(err.cause as Error | undefined)?.message ?? err.message}`, 1));
+  const text = await res.text();
+  process.stdout.write(`${res.status} ${text}\n`);
+  let status: unknown;
+  try {
+    status = (JSON.parse(text) as { status?: unknown }).status;
+  } catch {
+    /* not a contract reply */
+  }
+  if (res.status !== 200 || status !== 'OK') process.exit(1);
+}
+
 const [command, ...rest] = process.argv.slice(2);
 switch (command) {
   case 'serve':
@@ -181,6 +224,9 @@ switch (command) {
   case 'outbox':
   case 'dead-letters':
     await storeCommand(command, rest);
+    break;
+  case 'send':
+    await sendCommand(rest);
     break;
   case 'version':
   case '--version':
