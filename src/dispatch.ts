@@ -120,7 +120,7 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
       return outcome;
     }
     if (outcome.kind !== 'retryable' || !outbox) return outcome;
-    return spill(sink, n, outcome, log, (id) => {
+    return spill(sink, n, outcome, log, true, (id) => {
       if (deliveredLate) takeBack(id);
       else copyId = id;
     });
@@ -131,11 +131,12 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
     n: PushNotification,
     why: Extract<Outcome, { kind: 'retryable' }>,
     log: () => Logger,
+    attempted = false,
     onStored?: (id: number) => void,
   ): Promise<Result> {
     if (!outbox) return why;
     try {
-      const id = await outbox.enqueue(sink.name, n, why);
+      const id = await outbox.enqueue(sink.name, n, why, attempted);
       onStored?.(id);
       metrics.outcome(sink.name, 'queued', why.reason);
       return { kind: 'queued', reason: why.reason, detail: why.detail };

@@ -29,7 +29,8 @@ export type OutboxOptions = {
 };
 
 export type Outbox = {
-  enqueue(sink: string, n: PushNotification, why: Extract<Outcome, { kind: 'retryable' }>): Promise<number>;
+  /** `attempted`: the sink was tried once already (it then gets a backoff before the next try). */
+  enqueue(sink: string, n: PushNotification, why: Extract<Outcome, { kind: 'retryable' }>, attempted: boolean): Promise<number>;
   /** Keeps a notification a sink refused for good, so an operator can replay it once the sink is fixed. */
   bury(sink: string, n: PushNotification, why: Extract<Outcome, { kind: 'permanent' | 'dead-token' }>): Promise<void>;
   cancel(id: number): Promise<boolean>;
@@ -57,13 +58,11 @@ export function createOutbox(opts: OutboxOptions): Outbox {
   let lastExpire = 0;
 
   async function deliver(row: PendingDelivery): Promise<'done' | 'later' | 'dead'> {
-    const sink = sinks.get(row.sink);
+    // Claims name only configured sinks that are ready (`round`); the rows of a sink removed
+    // from the config stay until their time to live, then become dead letters.
+    const sink = sinks.get(row.sink) as Sink;
     const p = opts.policy(row.sink);
     const now = Date.now();
-    if (!sink) {
-      await store.bury(row, `sink "${row.sink}" is no longer configured`, now);
-      return 'dead';
-    }
     let n: PushNotification;
     try {
       n = JSON.parse(row.payload) as PushNotification;
@@ -106,7 +105,7 @@ export function createOutbox(opts: OutboxOptions): Outbox {
     }
     // Only claim for sinks that can take them: a broker that is down leaves its rows alone.
     const ready = [...sinks.values()].filter((s) => s.state().ready).map((s) => s.name);
-    const rows = await store.claim(ready, batch, leaseMs(), now);
+    const rows = await store.claim(ready, batch, leaseMs, now);
     if (rows.length === 0) return false;
     const results = await Promise.all(
       rows.map((row) =>
@@ -131,7 +130,7 @@ export function createOutbox(opts: OutboxOptions): Outbox {
   }
 
   // A claim outlives the slowest attempt in the round, so no other worker takes it meanwhile.
-  const leaseMs = () => Math.max(...[...sinks.keys()].map((s) => opts.policy(s).deadlineMs)) + 2_000;
+  const leaseMs = Math.max(...[...sinks.keys()].map((s) => opts.policy(s).deadlineMs)) + 2_000;
 
   async function run() {
     let failures = 0;
@@ -158,7 +157,7 @@ export function createOutbox(opts: OutboxOptions): Outbox {
   }
 
   return {
-    async enqueue(sink, n, why) {
+    async enqueue(sink, n, why, attempted) {
       const now = Date.now();
       const p = opts.policy(sink);
       const [id] = await store.enqueue([
@@ -168,8 +167,8 @@ export function createOutbox(opts: OutboxOptions): Outbox {
           payload: JSON.stringify(n),
           createdAt: now,
           expiresAt: now + p.ttlMs,
-          nextAttemptAt: now + (why.reason === 'deadline' ? backoff(1, p, why.retryAfterMs) : Math.max(why.retryAfterMs ?? 0, 0)),
-          attempts: why.reason === 'deadline' || why.reason === 'publish_failed' ? 1 : 0,
+          nextAttemptAt: now + (attempted ? backoff(1, p, why.retryAfterMs) : Math.max(why.retryAfterMs ?? 0, 0)),
+          attempts: attempted ? 1 : 0,
           lastError: why.detail ?? why.reason,
         },
       ]);
