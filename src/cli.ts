@@ -29,16 +29,24 @@ Env overrides: PUSH_RELAY_HOST, PUSH_RELAY_PORT, PUSH_RELAY_LOG_LEVEL, PUSH_RELA
 PUSH_RELAY_MQTT_TOPIC, PUSH_RELAY_MQTT_AUTO_PORT (see README.md).
 `;
 
-function configFile(args: string[]): string | undefined {
-  const i = args.findIndex((a) => a === '--config' || a === '-c');
-  if (i >= 0) {
-    const file = args[i + 1];
-    if (!file) fail('--config needs a file name');
-    return file;
+/** The value of `NAME VALUE` or `NAME=VALUE`, for any of `names`. */
+function option(args: string[], ...names: string[]): string | undefined {
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i] as string;
+    for (const name of names) {
+      if (a === name) {
+        const value = args[i + 1];
+        if (value === undefined) fail(`${name} needs a value`);
+        return value;
+      }
+      if (a.startsWith(`${name}=`)) return a.slice(name.length + 1);
+    }
   }
-  const eq = args.find((a) => a.startsWith('--config='));
-  if (eq) return eq.slice('--config='.length);
-  return process.env.PUSH_RELAY_CONFIG || undefined;
+  return undefined;
+}
+
+function configFile(args: string[]): string | undefined {
+  return option(args, '--config', '-c') ?? (process.env.PUSH_RELAY_CONFIG || undefined);
 }
 
 function fail(message: string, code = 2): never {
@@ -97,11 +105,6 @@ function checkConfig(args: string[]) {
     `${file ?? 'built-in defaults'}: OK\n  listen: ${config.server.host}:${config.server.port}${config.server.basePath}\n` +
       `  sinks: ${sinks.join(', ')}\n  routes: ${config.routes?.length ?? 'none (every sink gets everything)'}\n`,
   );
-}
-
-function option(args: string[], name: string): string | undefined {
-  const i = args.indexOf(name);
-  return i >= 0 ? args[i + 1] : undefined;
 }
 
 /** Positional words: the arguments that are neither options nor their values. */
