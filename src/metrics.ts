@@ -116,8 +116,9 @@ export function createMetrics(sinks: readonly Sink[], store?: Store) {
 
   for (const s of sinks) {
     const pairs: Array<readonly [string, string]> = [...s.reasons, ...DISPATCH_REASONS];
-    for (const [kind, reason] of pairs) if (kind === 'retryable') pairs.push(['queued', reason]);
-    for (const [kind, reason] of pairs) outcomes.labels(s.name, kind, reason).inc(0);
+    // Whatever can fail retryably can also end up queued for the same reason.
+    const queued = pairs.filter(([kind]) => kind === 'retryable').map(([, reason]) => ['queued', reason] as const);
+    for (const [kind, reason] of [...pairs, ...queued]) outcomes.labels(s.name, kind, reason).inc(0);
   }
 
   // The hot path adds to plain numbers; prom-client gets them when scraped (its inc() hashes

@@ -4,7 +4,7 @@
 // 200 reply whose values are all strings (§3.1): every path below ends in such a reply,
 // including bad input and bugs, so the server's log always says what went wrong.
 //
-// The two API calls are served straight from node:http (`createListener`); Hono serves the
+// The two API calls are served straight from node:http (`App.listener`); Hono serves the
 // rest and the same API calls through `app.request`. Why: @hono/node-server builds a WHATWG
 // Request, a body stream and an AbortSignal per request once a middleware reads the body, and
 // on our 2-core machines that alone held the relay to ~3 500 notifications/s (bench/README.md).
