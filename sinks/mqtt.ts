@@ -58,6 +58,9 @@ export const createMqttSink: SinkFactory<MqttSinkConfig> = (name, config, { logg
     };
     const c = mqtt.connect(url, opts);
     c.on('connect', () => {
+      // Each publish is a small packet whose PUBACK the HTTP answer waits for: Nagle's
+      // algorithm would hold it back until the previous one is acknowledged.
+      (c.stream as { setNoDelay?: (on: boolean) => void }).setNoDelay?.(true);
       if (lastError !== undefined || delay !== config.reconnectMin) log.info({ url: redact(url) }, 'MQTT broker connected');
       lastError = undefined;
       delay = config.reconnectMin;

@@ -1,6 +1,5 @@
 // Assembles a running relay from a config: sinks, routes, dispatcher, HTTP server, and an
 // orderly stop (stop accepting, answer what is in flight, close the sinks).
-import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Logger } from 'pino';
 import type { Config } from './config.js';
@@ -10,6 +9,7 @@ import { createMetrics } from './metrics.js';
 import { createOutbox, type Outbox } from './outbox.js';
 import { createRouter } from './route.js';
 import { openStore } from './store/index.js';
+import { createHttpServer, type HttpServer } from './http.js';
 import { createApp, type App } from './server.js';
 import { createSink } from '../sinks/index.js';
 import type { Sink } from '../sinks/types.js';
@@ -58,7 +58,7 @@ export async function startRelay(config: Config, logger: Logger = createLogger(c
   const dispatcher = createDispatcher({ policy, dedupWindowMs: config.delivery.dedupWindow, metrics, outbox });
   const app = createApp({ config, sinks: sinkList, router: createRouter(config.routes, sinks), dispatcher, metrics, logger });
 
-  const { server, port } = await listen(app, config.server.host, config.server.port);
+  const { http, port } = await listen(app, config);
   const shown = config.server.host === '0.0.0.0' || config.server.host === '::' ? '127.0.0.1' : config.server.host;
   const url = `http://${shown.includes(':') ? `[${shown}]` : shown}:${port}`;
   logger.info(
@@ -69,12 +69,12 @@ export async function startRelay(config: Config, logger: Logger = createLogger(c
   let stopping: Promise<void> | undefined;
   async function stop() {
     const deadline = Date.now() + config.server.shutdownTimeout;
-    server.close();
-    server.closeIdleConnections();
+    http.server.close();
+    http.closeIdleConnections();
     // Answer every request already accepted: their deliveries are bounded by the sink deadline.
     while (app.inFlight() > 0 && Date.now() < deadline) await sleep(20);
     if (app.inFlight() > 0) logger.warn({ inFlight: app.inFlight() }, 'shutdown timeout passed with requests in flight');
-    server.closeAllConnections();
+    http.closeAllConnections();
     await outbox?.stop();
     // Closing is bounded too: a sink whose peer hangs must not keep the process alive.
     const closing = Promise.all(sinkList.map((s) => s.close().catch((err) => logger.warn({ sink: s.name, err }, 'sink close failed'))));
@@ -89,15 +89,21 @@ export async function startRelay(config: Config, logger: Logger = createLogger(c
   return { app, url, port, sinks, stop: () => (stopping ??= stop()) };
 }
 
-function listen(app: App, hostname: string, port: number): Promise<{ server: Server; port: number }> {
+function listen(app: App, config: Config): Promise<{ http: HttpServer; port: number }> {
+  const { host, port } = config.server;
   return new Promise((resolve, reject) => {
-    const server = createServer(app.listener);
-    // Mattermost's client keeps idle connections 90 s (contract §1.1). Closing ours sooner
-    // races its next POST on a dying socket, and Go does not retry a POST: a lost push.
-    server.keepAliveTimeout = 95_000;
-    server.headersTimeout = 96_000;
-    server.once('error', (err) => reject(new Error(`cannot listen on ${hostname}:${port}: ${err.message}`)));
-    server.listen(port, hostname, () => resolve({ server, port: (server.address() as AddressInfo).port }));
+    const http = createHttpServer({
+      routes: app.routes,
+      fallback: app.listener,
+      bodyLimit: config.server.bodyLimit,
+      // Mattermost's client keeps idle connections 90 s (contract §1.1). Closing ours sooner
+      // races its next POST on a dying socket, and Go does not retry a POST: a lost push.
+      keepAliveTimeout: 95_000,
+      headersTimeout: 96_000,
+      requestTimeout: 300_000,
+    });
+    http.server.once('error', (err) => reject(new Error(`cannot listen on ${host}:${port}: ${err.message}`)));
+    http.server.listen(port, host, () => resolve({ http, port: (http.server.address() as AddressInfo).port }));
   });
 }
 

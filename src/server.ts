@@ -4,10 +4,13 @@
 // 200 reply whose values are all strings (§3.1): every path below ends in such a reply,
 // including bad input and bugs, so the server's log always says what went wrong.
 //
-// The two API calls are served straight from node:http (`App.listener`); Hono serves the
-// rest and the same API calls through `app.request`. Why: @hono/node-server builds a WHATWG
-// Request, a body stream and an AbortSignal per request once a middleware reads the body, and
-// on our 2-core machines that alone held the relay to ~3 500 notifications/s (bench/README.md).
+// Three ways in, one `api()`: the two API calls as Mattermost sends them are read off the
+// socket by src/http.ts (`App.routes`); node:http serves whatever that declines
+// (`App.listener`: the API calls directly, the rest through Hono), and Hono serves the
+// operator endpoints and the API through `app.request`. Why not Hono for everything:
+// @hono/node-server builds a WHATWG Request, a body stream and an AbortSignal per request
+// once a middleware reads the body, and node:http builds its own objects before that; on our
+// 2-core machines those alone cost more than the rest of a notification (bench/README.md).
 import { timingSafeEqual } from 'node:crypto';
 import type { IncomingMessage, RequestListener, ServerResponse } from 'node:http';
 import { getRequestListener } from '@hono/node-server';
@@ -16,6 +19,7 @@ import type { Logger } from 'pino';
 import type { Config } from './config.js';
 import { fastNotification, parseBody, PushAckSchema, PushNotificationSchema, shortToken, type PushResponse } from './contract.js';
 import { replyFor, type Dispatcher } from './dispatch.js';
+import type { Reply, Route } from './http.js';
 import type { Metrics } from './metrics.js';
 import type { Router } from './route.js';
 import { VERSION } from './version.js';
@@ -36,6 +40,8 @@ type Answer = { status: 200 | 401 | 413; body: PushResponse | string; headers?: 
 
 export type App = Hono & {
   inFlight(): number;
+  /** The API calls as src/http.ts serves them, by path. */
+  routes: ReadonlyMap<string, Route>;
   /** The node:http listener: the API calls directly, everything else through Hono. */
   listener: RequestListener;
 };
@@ -102,7 +108,7 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
     endpoint: Endpoint,
     authorization: string | undefined,
     ua: string | undefined,
-    readBody: () => Promise<string | undefined>,
+    readBody: () => string | undefined | Promise<string | undefined>,
   ): Promise<Answer> {
     inFlight++;
     try {
@@ -164,7 +170,14 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
     );
   };
 
-  return Object.assign(app, { inFlight: () => inFlight, listener });
+  const routes = new Map<string, Route>(
+    [...paths].map(([path, endpoint]) => [
+      path,
+      (body, authorization, ua) => api(endpoint, authorization, ua, () => body).then(toReply),
+    ]),
+  );
+
+  return Object.assign(app, { inFlight: () => inFlight, routes, listener });
 }
 
 /** The body as UTF-8 text, or undefined once it passes `limit` bytes (declared or sent). */
@@ -196,24 +209,19 @@ function readLimited(req: IncomingMessage, limit: number): Promise<string | unde
   });
 }
 
-const OK_TEXT = JSON.stringify({ status: 'OK' } satisfies PushResponse);
-const OK_HEADERS = { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(OK_TEXT) };
+const OK_REPLY: Reply = { status: 200, type: 'application/json', body: JSON.stringify({ status: 'OK' } satisfies PushResponse) };
+
+function toReply(answer: Answer): Reply {
+  const body = answer.body;
+  if (typeof body === 'string') return { status: answer.status, type: 'text/plain; charset=UTF-8', body, headers: answer.headers };
+  if (answer.status === 200 && body.status === 'OK' && body.error === undefined) return OK_REPLY;
+  return { status: answer.status, type: 'application/json', body: JSON.stringify(body), headers: answer.headers };
+}
 
 function send(res: ServerResponse, answer: Answer) {
-  const body = answer.body;
-  if (answer.status === 200 && typeof body !== 'string' && body.status === 'OK') {
-    res.writeHead(200, OK_HEADERS);
-    res.end(OK_TEXT);
-    return;
-  }
-  const json = typeof body !== 'string';
-  const text = typeof body === 'string' ? body : JSON.stringify(body);
-  res.writeHead(answer.status, {
-    'Content-Type': json ? 'application/json' : 'text/plain; charset=UTF-8',
-    'Content-Length': Buffer.byteLength(text),
-    ...answer.headers,
-  });
-  res.end(text);
+  const reply = toReply(answer);
+  res.writeHead(reply.status, { 'Content-Type': reply.type, 'Content-Length': Buffer.byteLength(reply.body), ...reply.headers });
+  res.end(reply.body);
 }
 
 /**
