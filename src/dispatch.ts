@@ -60,36 +60,44 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
     let lane = lanes.get(sink.name);
     if (!lane) {
       const p = opts.policy(sink.name);
-      lane = createLane(p.concurrency, outbox ? p.queue : Number.MAX_SAFE_INTEGER);
+      lane = createLane(p.concurrency, outbox ? p.queue : Number.MAX_SAFE_INTEGER, p.deadlineMs);
       lanes.set(sink.name, lane);
     }
     return lane;
   };
 
-  async function one(sink: Sink, n: PushNotification, log: () => Logger): Promise<Delivery> {
+  // The hot path chains promises by hand rather than with async functions: each `await` is a
+  // promise hop, and at 15 000 notifications/s the hops of a notification added up to several
+  // per cent of the relay's CPU.
+  function one(sink: Sink, n: PushNotification, log: () => Logger): Promise<Delivery> {
     // Test pushes carry an empty ack_id (§2.2): each is its own request, never a resend.
     const key = outbox && n.ack_id !== '' ? n.ack_id : undefined;
     const fresh = key === undefined || outbox!.acquire(key, sink.name, opts.dedupWindowMs, log);
-    if (fresh === false || (fresh !== true && !(await fresh))) {
-      metrics.suppressed(sink.name);
-      metrics.outcome(sink.name, 'skipped', 'duplicate');
-      return { sink, result: DUPLICATE };
-    }
-    const result = await deliverOnce(sink, n, log);
-    if (key !== undefined && (result.kind === 'retryable' || result.kind === 'permanent' || result.kind === 'dead-token')) {
-      // Not accepted: a resend of this notification deserves a real attempt.
-      await outbox!.release(key, sink.name);
-    }
+    if (fresh === true) return deliverOnce(sink, n, log).then((result) => settle(sink, key, result, log));
+    if (fresh === false) return Promise.resolve(duplicate(sink));
+    return fresh.then((ok) => (ok ? deliverOnce(sink, n, log).then((result) => settle(sink, key, result, log)) : duplicate(sink)));
+  }
+
+  function duplicate(sink: Sink): Delivery {
+    metrics.suppressed(sink.name);
+    metrics.outcome(sink.name, 'skipped', 'duplicate');
+    return { sink, result: DUPLICATE };
+  }
+
+  function settle(sink: Sink, key: string | undefined, result: Result, log: () => Logger): Delivery | Promise<Delivery> {
+    if (result.kind === 'delivered' || result.kind === 'skipped') return { sink, result };
     if (result.kind === 'queued') {
       // A sink that is down queues every request: its own log says so once, not per request.
       log().debug({ sink: sink.name, reason: result.reason, detail: result.detail }, 'queued in the outbox');
-    } else if (result.kind !== 'delivered' && result.kind !== 'skipped') {
-      log().warn({ sink: sink.name, outcome: result.kind, reason: result.reason, detail: result.detail }, 'not delivered');
+      return { sink, result };
     }
+    log().warn({ sink: sink.name, outcome: result.kind, reason: result.reason, detail: result.detail }, 'not delivered');
+    // Not accepted: a resend of this notification deserves a real attempt.
+    if (key !== undefined) return outbox!.release(key, sink.name).then(() => ({ sink, result }));
     return { sink, result };
   }
 
-  async function deliverOnce(sink: Sink, n: PushNotification, log: () => Logger): Promise<Result> {
+  function deliverOnce(sink: Sink, n: PushNotification, log: () => Logger): Promise<Result> {
     const state = sink.state();
     if (outbox && !state.ready) {
       // Waiting for a sink we know is down only spends Mattermost's 30 s budget.
@@ -97,9 +105,13 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
     }
     const lane = laneOf(sink);
     const entered = lane.enter();
-    if (entered === false || (entered !== true && !(await entered))) {
-      return spill(sink, n, { kind: 'retryable', reason: 'backpressure', detail: 'sink saturated' }, log);
-    }
+    if (entered === true) return attemptIn(lane, sink, n, log);
+    const saturated = () => spill(sink, n, { kind: 'retryable', reason: 'backpressure', detail: 'sink saturated' }, log);
+    if (entered === false) return saturated();
+    return entered.then((ok) => (ok ? attemptIn(lane, sink, n, log) : saturated()));
+  }
+
+  function attemptIn(lane: Lane, sink: Sink, n: PushNotification, log: () => Logger): Promise<Result> {
     const started = performance.now();
     // An attempt that passes its deadline may still succeed. Then its outbox copy is taken
     // back if no worker has claimed it yet; otherwise the notification went out twice.
@@ -108,21 +120,29 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
     const takeBack = (id: number) => {
       void outbox!.cancel(id).then((cancelled) => cancelled || metrics.duplicate(sink.name), () => metrics.duplicate(sink.name));
     };
-    const outcome = await attempt(sink, n, opts.policy(sink.name).deadlineMs, (late) => {
-      if (late.kind !== 'delivered' || !outbox) return;
+    const late = (o: Outcome) => {
+      if (o.kind !== 'delivered' || !outbox) return;
       if (copyId !== undefined) takeBack(copyId);
       else deliveredLate = true;
-    }).finally(() => lane.leave());
-    metrics.outcome(sink.name, outcome.kind, 'reason' in outcome ? outcome.reason : '', (performance.now() - started) / 1000);
-    if (outcome.kind === 'permanent' && outbox) {
-      // FAIL tells Mattermost; the dead letter lets an operator replay it once the sink is fixed.
-      await outbox.bury(sink.name, n, outcome).catch((err) => log().error({ err: (err as Error).message }, 'cannot write the dead letter'));
-      return outcome;
-    }
-    if (outcome.kind !== 'retryable' || !outbox) return outcome;
-    return spill(sink, n, outcome, log, true, (id) => {
-      if (deliveredLate) takeBack(id);
-      else copyId = id;
+    };
+    return attempt(sink, n, lane.deadlineMs, late).then((outcome): Result | Promise<Result> => {
+      lane.leave();
+      metrics.outcome(sink.name, outcome.kind, 'reason' in outcome ? outcome.reason : '', (performance.now() - started) / 1000);
+      if (outcome.kind === 'permanent' && outbox) {
+        // FAIL tells Mattermost; the dead letter lets an operator replay it once the sink is fixed.
+        return outbox.bury(sink.name, n, outcome).then(
+          () => outcome,
+          (err) => {
+            log().error({ err: (err as Error).message }, 'cannot write the dead letter');
+            return outcome;
+          },
+        );
+      }
+      if (outcome.kind !== 'retryable' || !outbox) return outcome;
+      return spill(sink, n, outcome, log, true, (id) => {
+        if (deliveredLate) takeBack(id);
+        else copyId = id;
+      });
     });
   }
 
@@ -172,13 +192,14 @@ export function attempt(sink: Sink, n: PushNotification, ms: number, onLate?: (o
     } catch (err) {
       sent = Promise.reject(err);
     }
-    sent.then(undefined, bug).then((o) => {
+    const done = (o: Outcome) => {
       deadline.leave();
       if (!settled) {
         settled = true;
         resolve(o);
       } else onLate?.(o);
-    });
+    };
+    sent.then(done, (err) => done(bug(err)));
   });
 }
 
@@ -214,12 +235,13 @@ function joinDeadline(ms: number, onExpire: () => void): { signal: AbortSignal; 
 }
 
 /** A concurrency cap with a bounded wait queue: `enter()` is false when both are full. */
-type Lane = { enter(): Promise<boolean> | boolean; leave(): void };
+type Lane = { deadlineMs: number; enter(): Promise<boolean> | boolean; leave(): void };
 
-function createLane(cap: number, queueMax: number): Lane {
+function createLane(cap: number, queueMax: number, deadlineMs: number): Lane {
   let active = 0;
   const waiting: Array<() => void> = [];
   return {
+    deadlineMs,
     enter() {
       if (active < cap) {
         active++;

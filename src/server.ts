@@ -58,26 +58,29 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
   let seq = 0;
 
   const pid = process.pid.toString(36);
-  async function sendPush(text: string, ua: string | undefined): Promise<PushResponse> {
-    const req = `${pid}-${(++seq).toString(36)}`;
+  /** Parses, routes and delivers; a promise only while sinks are at work. */
+  function sendPush(text: string, ua: string | undefined): PushResponse | Promise<PushResponse> {
+    const id = ++seq;
+    const req = () => `${pid}-${id.toString(36)}`;
     const parsed = parseBody(PushNotificationSchema, text, fastNotification);
     if (!parsed.ok) {
       metrics.invalid('send_push', 'invalid_payload');
       metrics.reply('FAIL');
-      logger.warn({ req, error: parsed.error, ua }, 'rejected an invalid send_push payload');
+      logger.warn({ req: req(), error: parsed.error, ua }, 'rejected an invalid send_push payload');
       return { status: 'FAIL', error: parsed.error };
     }
     const n = parsed.value;
     metrics.received(n.type);
     let child: Logger | undefined;
     const log = () =>
-      (child ??= logger.child({ req, ack_id: n.ack_id, platform: n.platform, type: n.type, device: shortToken(n.device_id) }));
-    const deliveries = await dispatcher.deliver(n, router(n), log);
-    const answer = replyFor(deliveries);
-    metrics.reply(answer.status);
-    if (answer.status !== 'OK') log().warn({ status: answer.status, error: answer.error }, 'answered Mattermost with a failure');
-    else if (logger.isLevelEnabled('debug')) log().debug({ sinks: deliveries.map((d) => `${d.sink.name}:${d.result.kind}`) }, 'notification handled');
-    return answer;
+      (child ??= logger.child({ req: req(), ack_id: n.ack_id, platform: n.platform, type: n.type, device: shortToken(n.device_id) }));
+    return dispatcher.deliver(n, router(n), log).then((deliveries) => {
+      const answer = replyFor(deliveries);
+      metrics.reply(answer.status);
+      if (answer.status !== 'OK') log().warn({ status: answer.status, error: answer.error }, 'answered Mattermost with a failure');
+      else if (logger.isLevelEnabled('debug')) log().debug({ sinks: deliveries.map((d) => `${d.sink.name}:${d.result.kind}`) }, 'notification handled');
+      return answer;
+    });
   }
 
   function ack(text: string): PushResponse {
@@ -103,26 +106,53 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
     headers: { 'WWW-Authenticate': 'Basic realm="push-relay"' },
   };
 
-  /** One API call, whatever carries it; `readBody` resolves undefined when over the limit. */
+  const internalError = (err: unknown, endpoint: Endpoint): Answer => {
+    logger.error({ err, endpoint }, 'bug: request handler failed');
+    // Still a contract reply: Mattermost logs the text, and we keep serving.
+    return { status: 200, body: { status: 'FAIL', error: `internal error: ${(err as Error).message}` } };
+  };
+  const ok200 = (body: PushResponse): Answer => ({ status: 200, body });
+  const settled = (answer: Answer) => {
+    inFlight--;
+    return answer;
+  };
+
+  /**
+   * One API call with its body in hand (undefined: over the limit). Never rejects: bad input
+   * and bugs alike end in a contract answer. Chained by hand, not async: see dispatch.ts.
+   */
+  function serve(endpoint: Endpoint, authorization: string | undefined, ua: string | undefined, text: string | undefined): Promise<Answer> {
+    inFlight++;
+    let answer: Answer | Promise<Answer>;
+    try {
+      if (!authorized(authorization)) {
+        logger.warn({ endpoint }, 'rejected a request without valid credentials (server.auth)');
+        answer = UNAUTHORIZED;
+      } else if (text === undefined) answer = tooLarge(endpoint);
+      else if (endpoint === 'ack') answer = ok200(ack(text));
+      else {
+        const reply = sendPush(text, ua);
+        answer = reply instanceof Promise ? reply.then(ok200) : ok200(reply);
+      }
+    } catch (err) {
+      answer = internalError(err, endpoint);
+    }
+    if (!(answer instanceof Promise)) return Promise.resolve(settled(answer));
+    return answer.then(settled, (err) => settled(internalError(err, endpoint)));
+  }
+
+  /** The same, for callers that read the body themselves (only once the caller is authorized). */
   async function api(
     endpoint: Endpoint,
     authorization: string | undefined,
     ua: string | undefined,
-    readBody: () => string | undefined | Promise<string | undefined>,
+    readBody: () => Promise<string | undefined>,
   ): Promise<Answer> {
-    inFlight++;
+    inFlight++; // reading the body counts: shutdown waits for it
     try {
-      if (!authorized(authorization)) {
-        logger.warn({ endpoint }, 'rejected a request without valid credentials (server.auth)');
-        return UNAUTHORIZED;
-      }
-      const text = await readBody();
-      if (text === undefined) return tooLarge(endpoint);
-      return { status: 200, body: endpoint === 'send_push' ? await sendPush(text, ua) : ack(text) };
+      return await serve(endpoint, authorization, ua, authorized(authorization) ? await readBody() : '');
     } catch (err) {
-      logger.error({ err, endpoint }, 'bug: request handler failed');
-      // Still a contract reply: Mattermost logs the text, and we keep serving.
-      return { status: 200, body: { status: 'FAIL', error: `internal error: ${(err as Error).message}` } };
+      return internalError(err, endpoint);
     } finally {
       inFlight--;
     }
@@ -173,7 +203,7 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
   const routes = new Map<string, Route>(
     [...paths].map(([path, endpoint]) => [
       path,
-      (body, authorization, ua) => api(endpoint, authorization, ua, () => body).then(toReply),
+      (body, authorization, ua) => serve(endpoint, authorization, ua, body).then(toReply),
     ]),
   );
 
