@@ -11,8 +11,9 @@
 // Mattermost-Bot/1.1, a fresh ack_id per request); each answer must be 2xx with
 // {"status":"OK"}. Rounds are interleaved (r, a, b, r, a, b, ...), each a warm-up then a
 // measured run; a target's figure is its median OK answers per second over its rounds.
-// For (r) and (b) a mosquitto_sub (QoS 1, mm/#) counts what reaches a subscriber during the
-// round: it must equal what the server says it published, which must cover every OK answer.
+// For (r) and (b) a mosquitto_sub (QoS 0, mm/#; BENCH_SUB_QOS=1 for QoS 1) counts what reaches
+// a subscriber during the round: it must equal what the server says it published, which must
+// cover every OK answer.
 //
 // TIME_WAIT and the seed: the seed makes two TCP connections per notification (wsgiref closes
 // the HTTP connection after each answer; paho connects to the broker each time), and each
@@ -52,6 +53,7 @@ const WARMUP = num('BENCH_WARMUP', 2, 0, 600);
 const ROUNDS = Math.round(num('BENCH_ROUNDS', 3, 1, 50));
 const CONNS = Math.round(num('BENCH_CONNECTIONS', 16, 1, 1000));
 const THREADS = Math.round(num('BENCH_THREADS', 2, 1, 64));
+const SUB_QOS = process.env.BENCH_SUB_QOS === '1' ? '1' : '0';
 const TW_LIMIT = Math.round(num('BENCH_TW_LIMIT', 2000, 0, 1_000_000));
 const USE_NETNS = num('BENCH_NETNS', 1, 0, 1) === 1;
 const WANTED = (process.env.BENCH_TARGETS || 'relay,ceiling,seed').split(',').map((s) => s.trim());
@@ -266,8 +268,9 @@ let confs = 0;
 async function startBroker(net) {
   const port = await net.port();
   const conf = join(tmp, `mosquitto-${++confs}.conf`);
-  // max_queued_messages: mosquitto silently drops QoS 1/2 messages queued for a client beyond
-  // it (default 1000), so a subscriber that falls behind for a moment would lose messages.
+  // max_queued_messages: mosquitto silently drops messages queued for a client beyond it
+  // (default 1000; for QoS 0 it counts the packets waiting to be written), so a subscriber
+  // that falls behind for a moment would lose messages.
   // max_inflight_messages 0: no limit on unacknowledged messages in flight to one client.
   writeFileSync(
     conf,
@@ -365,10 +368,18 @@ async function startSeed(net, broker) {
 }
 
 /**
- * A mosquitto_sub on mm/# at QoS 1 that writes each message's topic, one a line, to a file
- * (not a pipe to this process: reading 15 000 lines a second here took ~10% of a core from the
- * servers being measured). Ready once a probe published to mm/_bench_probe comes back;
- * `count()` counts only mm/_notif.
+ * A mosquitto_sub on mm/# that writes each message's topic, one a line, to a file (not a pipe
+ * to this process: reading 15 000 lines a second here took ~10% of a core from the servers
+ * being measured). Ready once a probe published to mm/_bench_probe comes back; `count()`
+ * counts only mm/_notif.
+ *
+ * It subscribes at QoS 0 (SUB_QOS): the checker then costs the same per message whoever
+ * published it. The seed publishes at QoS 0, so a QoS 1 subscription got the seed's messages
+ * at QoS 0 anyway, but made the broker and the subscriber exchange a PUBACK for each of the
+ * relay's: on 2 cores, ~25% of a core taken from the relay's rounds alone. The relay still
+ * publishes at QoS 1 and answers OK only on the broker's PUBACK. A QoS 0 message to a
+ * connected subscriber is dropped only past max_queued_messages (1 000 000 here), and a drop
+ * would be counted as lost: the check can raise a false alarm, never hide a loss.
  */
 let subscribers = 0;
 async function startSubscriber(broker) {
@@ -384,7 +395,7 @@ async function startSubscriber(broker) {
   const sub = { count: () => lines('mm/_notif') };
   sub.proc = start(
     'subscriber',
-    ...net.wrap(TOOLS.mosquitto_sub, ['-h', HOST, '-p', String(port), '-t', 'mm/#', '-q', '1', '-F', '%t', '-i', `bench-sub-${process.pid}-${Date.now()}`]),
+    ...net.wrap(TOOLS.mosquitto_sub, ['-h', HOST, '-p', String(port), '-t', 'mm/#', '-q', SUB_QOS, '-F', '%t', '-i', `bench-sub-${process.pid}-${Date.now()}`]),
     { stdio: ['ignore', out, 'pipe'] },
   );
   closeSync(out);
@@ -612,6 +623,7 @@ async function main() {
       `User-Agent Mattermost-Bot/1.1\n` +
       `relay: dist/src/cli.js from ${git.status === 0 ? git.stdout.trim() : 'an unknown commit'}, default config; node ${process.version}\n` +
       `seed: short rounds, each from a clean network state (its TIME_WAIT sockets slow it down; see bench/README.md)\n` +
+      `loss check: a mosquitto_sub on mm/# at QoS ${SUB_QOS} (BENCH_SUB_QOS), counting into a file\n` +
       `machine: ${cpus().length} cores, load average ${loadavg()[0].toFixed(2)} at start` +
       `${loadavg()[0] > 0.5 ? ' (something else is using the CPU: expect noisy figures)' : ''}\n\n`,
   );
