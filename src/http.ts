@@ -48,6 +48,7 @@ const MAX_HEAD = 16 * 1024;
 /** Bytes a client may send ahead of our answers (pipelining) before we stop reading. */
 const MAX_AHEAD = 64 * 1024;
 const CRLFCRLF = Buffer.from('\r\n\r\n');
+const LF = 10;
 /**
  * The header lines of a head (after the request line, with a final CRLF added): each a token
  * name, a colon, and a value of visible characters, spaces and tabs (RFC 9110 §5.1, §5.5). No
@@ -195,11 +196,19 @@ function serve(
   };
 
   const onData = (chunk: Buffer) => {
-    if (size === 0) started = Date.now();
+    const first = size === 0;
+    if (first) started = Date.now();
     parts.push(chunk);
     size += chunk.length;
-    if (!busy) next();
-    else if (size > MAX_AHEAD) socket.pause();
+    if (busy) {
+      if (size > MAX_AHEAD) socket.pause();
+      return;
+    }
+    // A head can only have ended in a chunk holding its last LF: a client that trickles a head
+    // in tiny pieces must not make us join and rescan it on every piece. The first piece is
+    // always read, so another method or path goes to node:http at once.
+    if (head || first || size > MAX_HEAD || chunk.includes(LF)) next();
+    else if (Date.now() - started > opts.headersTimeout) socket.destroy();
   };
   const onEnd = () => {
     ended = true;
