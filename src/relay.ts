@@ -8,7 +8,7 @@ import { createLogger } from './log.js';
 import { createMetrics } from './metrics.js';
 import { createOutbox, type Outbox } from './outbox.js';
 import { createRouter } from './route.js';
-import { openStore } from './store/index.js';
+import { openStore, type Store } from './store/index.js';
 import { createHttpServer, type HttpServer } from './http.js';
 import { createApp, type App } from './server.js';
 import { createSink } from '../sinks/index.js';
@@ -43,6 +43,17 @@ export async function startRelay(config: Config, logger: Logger = createLogger(c
   else logger.warn('store: none: a delivery that cannot be made within its deadline answers FAIL and is lost');
 
   const sinks = new Map<string, Sink>();
+  try {
+    return await assemble(config, logger, store, sinks);
+  } catch (err) {
+    // Nothing half-started stays behind: a relay that cannot listen still held the store's lock.
+    await Promise.all([...sinks.values()].map((s) => s.close().catch(() => {})));
+    await store?.close().catch(() => {});
+    throw err;
+  }
+}
+
+async function assemble(config: Config, logger: Logger, store: Store | undefined, sinks: Map<string, Sink>): Promise<Relay> {
   for (const [name, sinkConfig] of Object.entries(config.sinks)) sinks.set(name, createSink(name, sinkConfig, { logger }));
   await Promise.all([...sinks.values()].map((s) => s.start()));
 
@@ -58,7 +69,10 @@ export async function startRelay(config: Config, logger: Logger = createLogger(c
   const dispatcher = createDispatcher({ policy, dedupWindowMs: config.delivery.dedupWindow, metrics, outbox });
   const app = createApp({ config, sinks: sinkList, router: createRouter(config.routes, sinks), dispatcher, metrics, logger });
 
-  const { http, port } = await listen(app, config);
+  const { http, port } = await listen(app, config).catch(async (err: unknown) => {
+    await outbox?.stop();
+    throw err;
+  });
   const shown = config.server.host === '0.0.0.0' || config.server.host === '::' ? '127.0.0.1' : config.server.host;
   const url = `http://${shown.includes(':') ? `[${shown}]` : shown}:${port}`;
   logger.info(

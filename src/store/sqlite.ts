@@ -49,6 +49,7 @@ export type SqliteOptions = {
 
 export function openSqliteStore({ dataDir, owner }: SqliteOptions): Store {
   mkdirSync(dataDir, { recursive: true });
+  const lock = owner ? lockDataDir(dataDir) : undefined;
   const db = new Database(join(dataDir, 'push-relay.sqlite'));
   db.pragma('journal_mode = WAL');
   db.pragma('synchronous = NORMAL');
@@ -179,6 +180,29 @@ export function openSqliteStore({ dataDir, owner }: SqliteOptions): Store {
       await commits.flush();
       dedup.close();
       db.close();
+      lock?.close();
     },
   };
+}
+
+/**
+ * One relay per data directory: a second one would free the first's leases on start (and
+ * deliver the same rows again) and keep a dedup window of its own. The lock is an exclusive
+ * transaction left open on a file beside the store: SQLite holds it as an OS file lock, which
+ * the kernel drops when the process ends however it ends, so a SIGKILL leaves no stale lock.
+ * The CLI's outbox commands read the store itself and do not need it.
+ */
+function lockDataDir(dataDir: string): Database.Database {
+  const lock = new Database(join(dataDir, 'push-relay.lock'), { timeout: 0 });
+  try {
+    lock.exec('BEGIN EXCLUSIVE');
+    return lock;
+  } catch (err) {
+    lock.close();
+    if ((err as { code?: string }).code !== 'SQLITE_BUSY') throw err;
+    throw new Error(
+      `data directory ${dataDir} is in use by another running push-relay; give each relay its own dataDir ` +
+        '(PUSH_RELAY_DATA_DIR), or let several share one outbox through a PostgreSQL store',
+    );
+  }
 }
