@@ -49,6 +49,7 @@ const MAX_HEAD = 16 * 1024;
 const MAX_AHEAD = 64 * 1024;
 const CRLFCRLF = Buffer.from('\r\n\r\n');
 const LF = 10;
+const LFLF = Buffer.from('\n\n');
 /**
  * The header lines of a head (after the request line, with a final CRLF added): each a token
  * name, a colon, and a value of visible characters, spaces and tabs (RFC 9110 §5.1, §5.5). No
@@ -74,7 +75,11 @@ const OTHER = 'other';
  */
 export function parseHead(buf: Buffer, routes: ReadonlyMap<string, Route>, bodyLimit: number): Head | typeof INCOMPLETE | typeof OTHER {
   const end = buf.indexOf(CRLFCRLF);
-  if (end < 0) return buf.length > MAX_HEAD || !buf.subarray(0, 5).equals(POST.subarray(0, Math.min(5, buf.length))) ? OTHER : INCOMPLETE;
+  if (end < 0) {
+    // Not ours to wait for: too long, not a POST, or lines ended by a bare LF.
+    if (buf.length > MAX_HEAD || !buf.subarray(0, 5).equals(POST.subarray(0, Math.min(5, buf.length))) || buf.includes(LFLF)) return OTHER;
+    return INCOMPLETE;
+  }
   if (end > MAX_HEAD) return OTHER;
   const head = buf.toString('latin1', 0, end);
   const lineEnd = head.indexOf('\r\n');
@@ -90,15 +95,19 @@ export function parseHead(buf: Buffer, routes: ReadonlyMap<string, Route>, bodyL
   let authorization: string | undefined;
   let userAgent: string | undefined;
   let close = false;
+  let hosts = 0;
   for (let i = lineEnd + 2; i < end; ) {
     let j = head.indexOf('\r\n', i);
     if (j < 0) j = end;
     const colon = head.indexOf(':', i);
     // Only a few names matter here; their lengths sort out the rest without building strings.
     const size = colon - i;
-    if (size === 6 || size === 7 || size === 10 || size === 13 || size === 14 || size === 17) {
+    if (size === 4 || size === 6 || size === 7 || size === 10 || size === 13 || size === 14 || size === 17) {
       const value = head.slice(colon + 1, j).replace(OWS, '');
       switch (head.slice(i, colon).toLowerCase()) {
+        case 'host':
+          hosts++;
+          break;
         case 'content-length':
           // One plain decimal length: anything else is a smuggling risk, and node:http's to refuse.
           if (length >= 0 || !/^\d{1,15}$/.test(value)) return OTHER;
@@ -119,13 +128,14 @@ export function parseHead(buf: Buffer, routes: ReadonlyMap<string, Route>, bodyL
           authorization = value;
           break;
         case 'user-agent':
-          userAgent = value;
+          userAgent ??= value; // the first, as node:http keeps it
           break;
       }
     }
     i = j + 2;
   }
-  if (length < 0 || length > bodyLimit) return OTHER;
+  // HTTP/1.1 needs exactly one Host (RFC 9112 §3.2): node:http answers 400 otherwise.
+  if (length < 0 || length > bodyLimit || hosts !== 1) return OTHER;
   return { route, bodyStart: end + 4, length, authorization, userAgent, close };
 }
 const POST = Buffer.from('POST ');
