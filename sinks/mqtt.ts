@@ -119,10 +119,11 @@ export const createMqttSink: SinkFactory<MqttSinkConfig> = (name, config, { logg
     return publish(c, topic, body);
   }
 
+  const publishOptions = { qos: config.qos, retain: config.retain } as const;
   function publish(c: MqttClient, topic: string, body: string | Buffer): Promise<Outcome> {
     coalesceWrites(c);
     return new Promise((resolve) => {
-      c.publish(topic, body, { qos: config.qos, retain: config.retain }, (err) => {
+      c.publish(topic, body, publishOptions, (err) => {
         if (!err) return resolve(DELIVERED);
         const code = (err as Error & { code?: number }).code;
         const permanent = typeof code === 'number' ? PERMANENT_PUBACK[code] : undefined;
