@@ -4,7 +4,7 @@
 // 200 reply whose values are all strings (§3.1): every path below ends in such a reply,
 // including bad input and bugs, so the server's log always says what went wrong.
 //
-// Three ways in, one `api()`: the two API calls as Mattermost sends them are read off the
+// Three ways in, one `serve()`: the two API calls as Mattermost sends them are read off the
 // socket by src/http.ts (`App.routes`); node:http serves whatever that declines
 // (`App.listener`: the API calls directly, the rest through Hono), and Hono serves the
 // operator endpoints and the API through `app.request`. Why not Hono for everything:
