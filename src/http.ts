@@ -2,12 +2,13 @@
 //
 // Why: node:http builds an IncomingMessage, a ServerResponse, header objects and streams for
 // every request. On our 2-core machines a node:http server that does nothing but answer OK
-// tops out at ~25 000 requests/s with its thread at 100%: ~40 µs a request, more than half of
-// what the relay spends on a notification (bench/README.md). Reading the request off the socket
-// here costs a fraction of that.
+// tops out at 25 000 – 28 000 requests/s with its thread at 100%: ~37 µs a request, more than
+// half of what the relay spent on a notification (bench/README.md). Reading the request off the
+// socket here costs a few µs of that.
 //
 // What is served here is exactly the shape Mattermost's Go client sends (contract §1.1):
-// `POST <API path> HTTP/1.1`, a Content-Length body within the limit, plain header lines.
+// `POST <API path> HTTP/1.1`, one Host, a Content-Length body within the limit, plain header
+// lines.
 // Anything else (another path or method, a chunked body, Expect: 100-continue, HTTP/1.0, a
 // malformed or oversized head, a body over the limit) is handed to node:http from the first
 // byte of that request on, and the connection stays with node:http for the rest of its life.
