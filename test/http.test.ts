@@ -216,6 +216,33 @@ describe('the HTTP/1.1 layer', () => {
     expect(Date.now() - started).toBeLessThan(2500);
   });
 
+  it('on closeIdleConnections, drops idle connections at once and answers busy ones with Connection: close', async () => {
+    const own = createHttpServer({
+      routes: new Map<string, Route>([['/slow', async (body) => (await sleep(Number(body)), ok(body))]]),
+      fallback: (_req, res) => res.end(),
+      bodyLimit: 1000,
+      keepAliveTimeout: 60_000,
+      headersTimeout: 60_000,
+      requestTimeout: 60_000,
+    });
+    await new Promise<void>((r) => own.server.listen(0, '127.0.0.1', r));
+    const ownPort = (own.server.address() as AddressInfo).port;
+    const idle = exchange(ownPort, [post('/slow', '0')], { answers: 2, timeoutMs: 3000 });
+    await sleep(200);
+    const busy = exchange(ownPort, [post('/slow', '400')], { answers: 2, timeoutMs: 3000 });
+    await sleep(100);
+    const started = Date.now();
+    own.server.close();
+    own.closeIdleConnections();
+    const [i, b] = await Promise.all([idle, busy]);
+    expect(i.replies).toHaveLength(1);
+    expect(i.closed).toBe(true);
+    expect(b.replies.map((r) => [r.status, r.headers['connection']])).toEqual([[200, 'close']]);
+    expect(b.closed).toBe(true);
+    // Both ended long before the 60 s keep-alive: the idle one at once, the busy one after its answer.
+    expect(Date.now() - started).toBeLessThan(2000);
+  });
+
   it('reads only what it understands (parseHead)', () => {
     const routes = new Map<string, Route>([['/echo', async () => ok('')]]);
     const head = (text: string) => parseHead(Buffer.from(text), routes, 100);
