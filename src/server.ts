@@ -148,14 +148,17 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
     ua: string | undefined,
     readBody: () => Promise<string | undefined>,
   ): Promise<Answer> {
-    inFlight++; // reading the body counts: shutdown waits for it
+    if (!authorized(authorization)) return serve(endpoint, authorization, ua, '');
+    let text: string | undefined;
+    inFlight++; // reading the body counts too: shutdown waits for it
     try {
-      return await serve(endpoint, authorization, ua, authorized(authorization) ? await readBody() : '');
+      text = await readBody();
     } catch (err) {
       return internalError(err, endpoint);
     } finally {
       inFlight--;
     }
+    return serve(endpoint, authorization, ua, text);
   }
 
   // ---- Hono: operator endpoints, and the API for app.request ----
