@@ -61,18 +61,13 @@ async function assemble(config: Config, logger: Logger, store: Store | undefined
   const metrics = createMetrics(sinkList, store);
   const policies = new Map([...sinks.keys()].map((name) => [name, sinkPolicy(config, name)]));
   const policy = (name: string) => policies.get(name) ?? sinkPolicy(config, name);
-  let outbox: Outbox | undefined;
-  if (store) {
-    outbox = createOutbox({ store, sinks, policy, metrics, logger });
-    outbox.start();
-  }
+  const outbox: Outbox | undefined = store ? createOutbox({ store, sinks, policy, metrics, logger }) : undefined;
   const dispatcher = createDispatcher({ policy, dedupWindowMs: config.delivery.dedupWindow, metrics, outbox });
   const app = createApp({ config, sinks: sinkList, router: createRouter(config.routes, sinks), dispatcher, metrics, logger });
 
-  const { http, port } = await listen(app, config).catch(async (err: unknown) => {
-    await outbox?.stop();
-    throw err;
-  });
+  const { http, port } = await listen(app, config);
+  // Started once listening: a relay that cannot listen then has no worker to stop.
+  outbox?.start();
   const shown = config.server.host === '0.0.0.0' || config.server.host === '::' ? '127.0.0.1' : config.server.host;
   const url = `http://${shown.includes(':') ? `[${shown}]` : shown}:${port}`;
   logger.info(
