@@ -73,9 +73,13 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
     // Test pushes carry an empty ack_id (§2.2): each is its own request, never a resend.
     const key = outbox && n.ack_id !== '' ? n.ack_id : undefined;
     const fresh = key === undefined || outbox!.acquire(key, sink.name, opts.dedupWindowMs, log);
-    if (fresh === true) return deliverOnce(sink, n, log).then((result) => settle(sink, key, result, log));
+    if (fresh === true) return deliverAndSettle(sink, key, n, log);
     if (fresh === false) return Promise.resolve(duplicate(sink));
-    return fresh.then((ok) => (ok ? deliverOnce(sink, n, log).then((result) => settle(sink, key, result, log)) : duplicate(sink)));
+    return fresh.then((ok) => (ok ? deliverAndSettle(sink, key, n, log) : duplicate(sink)));
+  }
+
+  function deliverAndSettle(sink: Sink, key: string | undefined, n: PushNotification, log: () => Logger): Promise<Delivery> {
+    return deliverOnce(sink, n, log).then((result) => settle(sink, key, result, log));
   }
 
   function duplicate(sink: Sink): Delivery {

@@ -201,6 +201,11 @@ function serve(
   let ended = false;
   let handedOff = false;
 
+  /** Drops a client that has spent longer than `limit` on the request now arriving. */
+  const dropIfOverdue = (limit: number) => {
+    if (Date.now() - started > limit) socket.destroy();
+  };
+
   const gather = (): Buffer => {
     if (parts.length !== 1) parts = [Buffer.concat(parts, size)];
     return parts[0] as Buffer;
@@ -219,7 +224,7 @@ function serve(
     // in tiny pieces must not make us join and rescan it on every piece. The first piece is
     // always read, so another method or path goes to node:http at once.
     if (head || first || size > MAX_HEAD || chunk.includes(LF)) next();
-    else if (Date.now() - started > opts.headersTimeout) socket.destroy();
+    else dropIfOverdue(opts.headersTimeout);
   };
   const onEnd = () => {
     ended = true;
@@ -255,17 +260,11 @@ function serve(
       if (!head) {
         const parsed = parseHead(gather(), opts.routes, opts.bodyLimit);
         if (parsed === OTHER) return handOff();
-        if (parsed === INCOMPLETE) {
-          if (Date.now() - started > opts.headersTimeout) socket.destroy();
-          return;
-        }
+        if (parsed === INCOMPLETE) return dropIfOverdue(opts.headersTimeout);
         head = parsed;
       }
       const need = head.bodyStart + head.length;
-      if (size < need) {
-        if (Date.now() - started > opts.requestTimeout) socket.destroy();
-        return;
-      }
+      if (size < need) return dropIfOverdue(opts.requestTimeout);
       const buf = gather();
       const body = buf.toString('utf8', head.bodyStart, need);
       if (size > need) {
