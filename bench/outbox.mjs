@@ -25,7 +25,7 @@ const ROUNDS = env('BENCH_ROUNDS', 3);
 const BACKLOG = env('BENCH_BACKLOG', 20_000);
 const OUTAGE = env('BENCH_OUTAGE_SECONDS', 60);
 const RATE = env('BENCH_RATE', 2000);
-const PAYLOAD_FILE = resolve(ROOT, '../shared/contract/payloads/01-channel-post-full.json');
+const PAYLOAD_FILE = resolve(ROOT, 'test/fixtures/payloads/01-channel-post-full.json');
 const PAYLOAD = JSON.parse(readFileSync(PAYLOAD_FILE, 'utf8'));
 
 for (const bin of ['/usr/bin/wrk', '/usr/sbin/mosquitto', '/usr/bin/mosquitto_sub']) {

@@ -253,13 +253,10 @@ function preflight() {
   }
 }
 
-/** The realistic payload: BENCH_PAYLOAD, else shared/contract beside the repo, else an inline copy. */
+/** The realistic payload: BENCH_PAYLOAD, else the test fixture in the repository. */
 function payload() {
-  const candidates = [process.env.BENCH_PAYLOAD, resolve(ROOT, '../shared/contract/payloads/01-channel-post-full.json')];
-  for (const file of candidates) {
-    if (file && existsSync(file)) return { file, body: readFileSync(file) };
-  }
-  return { file: '(inline copy of 01-channel-post-full.json)', body: Buffer.from(JSON.stringify(INLINE_PAYLOAD, null, 2)) };
+  const file = process.env.BENCH_PAYLOAD || resolve(ROOT, 'test/fixtures/payloads/01-channel-post-full.json');
+  return { file, body: readFileSync(file) };
 }
 
 // ---------------------------------------------------------------- the pieces
@@ -580,28 +577,6 @@ function describe(key, n, r) {
 // ---------------------------------------------------------------- main
 
 let payloadFile;
-const INLINE_PAYLOAD = {
-  ack_id: 'z7jgszh5b1m3yhcce1ayaxe1eh',
-  platform: 'android_rn-v2',
-  server_id: 'mxznon7dy3dfojgzbhhfj3tbyh',
-  device_id:
-    'f69tFnb0tLBqBYszRNBZNQ:APA91bo-Q8Zm69875ycZcHj5W8xyHj-7KGLOttYZmK8106BKRYNT2LjYFjRsx48Ye2ouBGTvI80o1AnWYRTlvWKKFJ4hN0wT-HUQEZBjje1g0-4MSCHC2SCvX9CurR01TRp97Wm4ekyG',
-  post_id: 'q7wmodmqo3gct6hm4eszbu68kh',
-  category: 'CAN_REPLY',
-  message: '@alice: Deploy to staging finished, please verify the login flow',
-  badge: 3,
-  team_id: 'h9f8u7xgu975dwr9mc5birmxkr',
-  channel_id: 'ymhh7n5u6wc8axbye7rfznogpc',
-  channel_name: 'Release Planning',
-  type: 'message',
-  sender_id: '9bj3etmaonmu87gix5xi1wbfue',
-  sender_name: '@alice',
-  version: 'v2',
-  is_crt_enabled: false,
-  is_id_loaded: false,
-  signature:
-    'eyJhbGciOiJFUzI1NiIsInR5cCI6IkpXVCJ9.eyJhY2tfaWQiOiJ6N2pnc3poNWIxbTN5aGNjZTFheWF4ZTFlaCIsImRldmljZV9pZCI6ImY2OXRGbmIwdExCcUJZc3pSTkJaTlE6QVBBOTFiby1ROFptNjk4NzV5Y1pjSGo1Vzh4eUhqLTdLR0xPdHRZWm1LODEwNkJLUllOVDJMallGalJzeDQ4WWUyb3VCR1R2STgwbzFBbldZUlRsdldLS0ZKNGhOMHdULUhVUUVaQmpqZTFnMC00TVNDSEMyU0N2WDlDdXJSMDFUUnA5N1dtNGVreUcifQ.vZlR-rYVmDcy7Wfd9eOgxlMBj1sZPX2z6dfXN1VvRJH-9x2nfhKrVNd7L-5lda_mCDLCIblzeEpYORsc6fBljw',
-};
 
 async function main() {
   preflight();

@@ -1,4 +1,4 @@
-// Mattermost's push wire types (../shared/contract/mattermost-push.md §2, §3).
+// Mattermost's push wire types (contract §2, §3; the sample payloads are in test/fixtures/payloads).
 //
 // Parsing follows Go's encoding/json as the official push proxy uses it: unknown fields pass
 // through (the server keeps adding them), a `null` leaves a field at its zero value, and a

@@ -1,11 +1,11 @@
-// The contract's sample payloads (../shared/contract/payloads, relative to the repo root),
-// generated to match what Mattermost's Go marshalling puts on the wire.
+// The sample payloads in test/fixtures/payloads (its README names each case and its contract
+// section), generated to match what Mattermost's Go marshalling puts on the wire.
 import { readdirSync, readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
-export const PAYLOAD_DIR = resolve(REPO_ROOT, '..', 'shared', 'contract', 'payloads');
+export const PAYLOAD_DIR = resolve(REPO_ROOT, 'test', 'fixtures', 'payloads');
 
 export type SamplePayload = {
   /** File name, e.g. `01-channel-post-full.json`. */
