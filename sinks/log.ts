@@ -1,12 +1,18 @@
 // A sink that only logs what it would deliver: for trying routes before wiring real sinks.
 // It logs routing fields at its level; the message text only at debug (STYLE.md §6).
-import type { LogSinkConfig } from '../src/config.js';
+import { z } from 'zod';
 import { shortToken } from '../src/contract.js';
-import type { SinkFactory } from './types.js';
+import { sinkSchema } from '../src/schema.js';
+import { defineSink } from './types.js';
 
-export const createLogSink: SinkFactory<LogSinkConfig> = (name, config, { logger }) => {
-  const log = logger.child({ sink: name });
-  return {
+const schema = sinkSchema('log', {
+  level: z.enum(['debug', 'info', 'warn']).default('info'),
+});
+
+export default defineSink({
+  type: 'log',
+  schema,
+  create: (name, config, { logger: log }) => ({
     name,
     type: 'log',
     perDevice: false,
@@ -33,5 +39,5 @@ export const createLogSink: SinkFactory<LogSinkConfig> = (name, config, { logger
       return { kind: 'delivered' };
     },
     async close() {},
-  };
-};
+  }),
+});

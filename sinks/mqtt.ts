@@ -3,11 +3,58 @@
 // so it never reports dead-token.
 import { readFileSync } from 'node:fs';
 import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
-import type { MqttSinkConfig } from '../src/config.js';
 import { hasText, type PushNotification } from '../src/contract.js';
+import { z } from 'zod';
+import { duration, flag, int, numeric, sinkSchema, template, url } from '../src/schema.js';
 import { compileTemplate, mqttTopicLevel } from '../src/template.js';
 import { autoBroker, type AutoBroker } from './mqtt-broker.js';
-import type { Outcome, SinkFactory, SinkState } from './types.js';
+import { defineSink, type Outcome, type SinkFactory, type SinkState } from './types.js';
+
+const schema = sinkSchema('mqtt', {
+  /** Omitted or `auto`: use a broker on 127.0.0.1:autoPort, or start an embedded one there. */
+  url: z.union([z.literal('auto'), url(['mqtt', 'mqtts', 'tcp', 'tls', 'ssl', 'ws', 'wss'])]).default('auto'),
+  autoPort: int(1, 65535).default(1883),
+  topic: template(mqttTopicLevel)
+    .refine((t) => !/[+#\p{Cc}]/u.test(t.replace(/\{[a-z_]+\}/g, '')), {
+      message: 'a topic to publish to may not contain +, # or control characters outside placeholders',
+    })
+    .default('mm/_notif'),
+  format: z.enum(['message', 'json', 'template']).default('message'),
+  template: template().optional(),
+  qos: z.preprocess(numeric, z.union([z.literal(0), z.literal(1), z.literal(2)], { error: 'must be 0, 1 or 2' })).default(1),
+  retain: flag.default(false),
+  /** 5 lets the broker say why it refuses a publish (e.g. an ACL); 4 is MQTT 3.1.1, which aedes speaks. */
+  protocolVersion: z.preprocess(numeric, z.union([z.literal(4), z.literal(5)], { error: 'must be 4 (MQTT 3.1.1) or 5' })).default(4),
+  username: z.string().optional(),
+  password: z.string().optional(),
+  clientId: z.string().min(1).optional(),
+  tls: z
+    .strictObject({
+      ca: z.string().optional(),
+      cert: z.string().optional(),
+      key: z.string().optional(),
+      rejectUnauthorized: flag.default(true),
+    })
+    .optional(),
+  reconnectMin: duration.default(500),
+  reconnectMax: duration.default(10_000),
+}).superRefine((sink, ctx) => {
+  if (sink.format === 'template' && !sink.template) {
+    ctx.addIssue({ code: 'custom', path: ['template'], message: 'required when format is template' });
+  }
+});
+export type MqttSinkConfig = z.output<typeof schema>;
+
+/** The zero-config relay (interface.md): the seed's behaviour, `message` text to `mm/_notif`. */
+export function defaultMqttSink(env: Record<string, string | undefined>): Record<string, unknown> {
+  return {
+    type: 'mqtt',
+    ...(env.PUSH_RELAY_MQTT_URL ? { url: env.PUSH_RELAY_MQTT_URL } : {}),
+    ...(env.PUSH_RELAY_MQTT_TOPIC ? { topic: env.PUSH_RELAY_MQTT_TOPIC } : {}),
+    ...(env.PUSH_RELAY_MQTT_AUTO_PORT ? { autoPort: env.PUSH_RELAY_MQTT_AUTO_PORT } : {}),
+    format: 'message',
+  };
+}
 
 /**
  * MQTT 5 PUBACK reason codes that mean "this publish will never be accepted as it is"
@@ -28,8 +75,7 @@ const CONNECTED: SinkState = { ready: true, state: 'connected' };
 const TOPIC_TOO_LONG: Outcome = { kind: 'permanent', reason: 'topic_too_long', detail: 'rendered MQTT topic exceeds 65535 bytes' };
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms).unref());
 
-export const createMqttSink: SinkFactory<MqttSinkConfig> = (name, config, { logger }) => {
-  const log = logger.child({ sink: name });
+const createMqttSink: SinkFactory<MqttSinkConfig> = (name, config, { logger: log }) => {
   const topicOf = compileTemplate(config.topic, mqttTopicLevel);
   const bodyOf = payloadRenderer(config);
   let client: MqttClient | undefined;
@@ -231,3 +277,5 @@ function redact(u: string): string {
     return u;
   }
 }
+
+export default defineSink({ type: 'mqtt', schema, create: createMqttSink });

@@ -4,7 +4,8 @@
 import { readFileSync } from 'node:fs';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
-import { compileTemplate, mqttTopicLevel } from './template.js';
+import { boolish, duration, int, oneOrMany, size, url, type SinkConfigBase } from './schema.js';
+import { defaultSinks, SINK_MODULES } from '../sinks/index.js';
 
 export class ConfigError extends Error {
   constructor(readonly problems: string[]) {
@@ -12,119 +13,15 @@ export class ConfigError extends Error {
   }
 }
 
-// ---- value types that accept what people write in YAML and what ${VAR} produces ----
+// ---- sinks: each sink module brings its own schema (sinks/index.ts) ----
 
-const UNITS_MS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
-/** `500ms`, `5s`, `1h`, or a number of milliseconds. */
-const duration = z.union([z.number().int().nonnegative(), z.string()]).transform((v, ctx) => {
-  if (typeof v === 'number') return v;
-  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$/.exec(v);
-  if (!m) {
-    ctx.addIssue({ code: 'custom', message: `"${v}" is not a duration (e.g. 500ms, 5s, 1h)` });
-    return z.NEVER;
-  }
-  return Math.round(Number(m[1]) * (UNITS_MS[m[2] ?? 'ms'] as number));
-});
-
-const UNITS_BYTES: Record<string, number> = { b: 1, kb: 1024, kib: 1024, mb: 1024 ** 2, mib: 1024 ** 2 };
-/** `512kb`, `1mb`, or a number of bytes. */
-const size = z.union([z.number().int().positive(), z.string()]).transform((v, ctx) => {
-  if (typeof v === 'number') return v;
-  const m = /^\s*(\d+)\s*([a-z]*)\s*$/i.exec(v);
-  const unit = UNITS_BYTES[(m?.[2] || 'b').toLowerCase()];
-  if (!m || !unit) {
-    ctx.addIssue({ code: 'custom', message: `"${v}" is not a size (e.g. 1mb, 512kb, 1048576)` });
-    return z.NEVER;
-  }
-  return Number(m[1]) * unit;
-});
-
-const numeric = (v: unknown) => (typeof v === 'string' && /^\s*-?\d+\s*$/.test(v) ? Number(v) : v);
-const boolish = (v: unknown) => (v === 'true' ? true : v === 'false' ? false : v);
-const int = (min: number, max: number) => z.preprocess(numeric, z.number().int().min(min).max(max));
-const flag = z.preprocess(boolish, z.boolean());
-
-const url = (protocols: string[]) =>
-  z.string().refine(
-    (v) => {
-      try {
-        return protocols.includes(new URL(v).protocol.replace(/:$/, ''));
-      } catch {
-        return false;
-      }
-    },
-    { message: `must be a URL with scheme ${protocols.join(', ')}` },
-  );
-
-const template = (escape?: (s: string) => string) =>
-  z.string().superRefine((v, ctx) => {
-    try {
-      compileTemplate(v, escape);
-    } catch (err) {
-      ctx.addIssue({ code: 'custom', message: (err as Error).message });
-    }
-  });
-
-const oneOrMany = z.union([z.string(), z.array(z.string()).min(1)]).transform((v) => (Array.isArray(v) ? v : [v]));
-
-// ---- sinks ----
-
-/** Per-sink overrides of the `delivery` defaults. */
-const sinkDelivery = {
-  deadline: duration.optional(),
-  ttl: duration.optional(),
-  concurrency: int(1, 100_000).optional(),
-  queue: int(0, 1_000_000).optional(),
-  maxAttempts: int(1, 1_000_000).optional(),
-};
-
-const MqttSinkSchema = z.strictObject({
-  type: z.literal('mqtt'),
-  /** Omitted or `auto`: use a broker on 127.0.0.1:autoPort, or start an embedded one there. */
-  url: z.union([z.literal('auto'), url(['mqtt', 'mqtts', 'tcp', 'tls', 'ssl', 'ws', 'wss'])]).default('auto'),
-  autoPort: int(1, 65535).default(1883),
-  topic: template(mqttTopicLevel)
-    .refine((t) => !/[+#\p{Cc}]/u.test(t.replace(/\{[a-z_]+\}/g, '')), {
-      message: 'a topic to publish to may not contain +, # or control characters outside placeholders',
-    })
-    .default('mm/_notif'),
-  format: z.enum(['message', 'json', 'template']).default('message'),
-  template: template().optional(),
-  qos: z.preprocess(numeric, z.union([z.literal(0), z.literal(1), z.literal(2)], { error: 'must be 0, 1 or 2' })).default(1),
-  retain: flag.default(false),
-  /** 5 lets the broker say why it refuses a publish (e.g. an ACL); 4 is MQTT 3.1.1, which aedes speaks. */
-  protocolVersion: z.preprocess(numeric, z.union([z.literal(4), z.literal(5)], { error: 'must be 4 (MQTT 3.1.1) or 5' })).default(4),
-  username: z.string().optional(),
-  password: z.string().optional(),
-  clientId: z.string().min(1).optional(),
-  tls: z
-    .strictObject({
-      ca: z.string().optional(),
-      cert: z.string().optional(),
-      key: z.string().optional(),
-      rejectUnauthorized: flag.default(true),
-    })
-    .optional(),
-  reconnectMin: duration.default(500),
-  reconnectMax: duration.default(10_000),
-  ...sinkDelivery,
-});
-
-const LogSinkSchema = z.strictObject({
-  type: z.literal('log'),
-  level: z.enum(['debug', 'info', 'warn']).default('info'),
-  ...sinkDelivery,
-});
-
-const SinkSchema = z.discriminatedUnion('type', [MqttSinkSchema, LogSinkSchema], {
-  error: (iss) =>
-    iss.code === 'invalid_union' ? `unknown sink type; known types: ${SINK_TYPES.join(', ')}` : undefined,
-});
-export const SINK_TYPES = ['mqtt', 'log'] as const;
-
-export type MqttSinkConfig = z.infer<typeof MqttSinkSchema>;
-export type LogSinkConfig = z.infer<typeof LogSinkSchema>;
-export type SinkConfig = z.infer<typeof SinkSchema>;
+const SINK_TYPES = SINK_MODULES.map((m) => m.type);
+const SinkSchema = z.discriminatedUnion(
+  'type',
+  SINK_MODULES.map((m) => m.schema) as unknown as [z.ZodObject, ...z.ZodObject[]],
+  { error: (iss) => (iss.code === 'invalid_union' ? `unknown sink type; known types: ${SINK_TYPES.join(', ')}` : undefined) },
+) as unknown as z.ZodType<SinkConfigBase & Record<string, unknown>>;
+export type SinkConfig = z.output<typeof SinkSchema>;
 
 // ---- routes ----
 
@@ -197,17 +94,14 @@ export const ConfigSchema = z
       })
       .default('sqlite'),
     dataDir: z.string().min(1).default('./data'),
+    /** The Mattermost server: links to posts (permalinks), and the pairing page logs in to it. */
+    mattermost: z.strictObject({ url: url(['http', 'https']).transform((u) => u.replace(/\/+$/, '')).optional() }).optional(),
     sinks: z.record(z.string().regex(/^[A-Za-z0-9_.-]+$/, { message: 'sink names use letters, digits, _ . -' }), SinkSchema),
     routes: z.array(RouteSchema).optional(),
   })
   .superRefine((cfg, ctx) => {
     if (Object.keys(cfg.sinks).length === 0) {
       ctx.addIssue({ code: 'custom', path: ['sinks'], message: 'at least one sink is needed' });
-    }
-    for (const [name, sink] of Object.entries(cfg.sinks)) {
-      if (sink.type === 'mqtt' && sink.format === 'template' && !sink.template) {
-        ctx.addIssue({ code: 'custom', path: ['sinks', name, 'template'], message: 'required when format is template' });
-      }
     }
     cfg.routes?.forEach((route, i) =>
       route.sinks.forEach((s, j) => {
@@ -227,19 +121,9 @@ export type Config = z.infer<typeof ConfigSchema>;
 
 type Env = Record<string, string | undefined>;
 
-/** The zero-config relay: the seed's behaviour, `message` text to `mm/_notif`. */
+/** The zero-config relay (interface.md): the default sinks, every setting at its default. */
 function defaultConfig(env: Env): Record<string, unknown> {
-  return {
-    sinks: {
-      mqtt: {
-        type: 'mqtt',
-        ...(env.PUSH_RELAY_MQTT_URL ? { url: env.PUSH_RELAY_MQTT_URL } : {}),
-        ...(env.PUSH_RELAY_MQTT_TOPIC ? { topic: env.PUSH_RELAY_MQTT_TOPIC } : {}),
-        ...(env.PUSH_RELAY_MQTT_AUTO_PORT ? { autoPort: env.PUSH_RELAY_MQTT_AUTO_PORT } : {}),
-        format: 'message',
-      },
-    },
-  };
+  return { sinks: defaultSinks(env) };
 }
 
 /** Env that overrides a key in any config, file or default (ntfy-style: every knob is an env var). */

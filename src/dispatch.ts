@@ -4,10 +4,12 @@
 // Mattermost never retries (§0.5), so "OK" must mean "will be delivered": a delivery that has
 // not succeeded by its deadline, or that meets a sink which is down or saturated, is written
 // to the outbox before the reply goes out, and the outbox owns it from then on.
-import { setMaxListeners } from 'node:events';
 import type { Logger } from 'pino';
 import type { PushNotification, PushResponse } from './contract.js';
 import type { Metrics } from './metrics.js';
+import { attempt } from './attempt.js';
+import type { DeadTokens } from './dead-tokens.js';
+import type { Dedup } from './dedup.js';
 import type { Outbox } from './outbox.js';
 import type { Outcome, Sink } from '../sinks/types.js';
 
@@ -44,17 +46,25 @@ export type SinkPolicy = { deadlineMs: number; concurrency: number; queue: numbe
 
 export type DispatcherOptions = {
   policy: (sink: string) => SinkPolicy;
-  dedupWindowMs: number;
+  /** The same (ack_id, sink) is delivered once within the window, with or without an outbox. */
+  dedup: Dedup;
+  /** Tokens a per-device sink proved dead in a background retry: the next push answers REMOVE. */
+  deadTokens: DeadTokens;
   metrics: Metrics;
   /** Without an outbox (`store: none`) a delivery that cannot be made now answers FAIL. */
   outbox?: Outbox;
 };
 
 const DUPLICATE: Result = { kind: 'skipped', reason: 'duplicate' };
+const REMEMBERED_DEAD = {
+  kind: 'dead-token',
+  reason: 'remembered_dead_token',
+  detail: 'the provider reported this token dead during a background retry',
+} as const satisfies Result;
 const inArray = (d: Delivery) => [d];
 
 export function createDispatcher(opts: DispatcherOptions): Dispatcher {
-  const { metrics, outbox } = opts;
+  const { metrics, outbox, dedup, deadTokens } = opts;
   const lanes = new Map<string, Lane>();
   const laneOf = (sink: Sink) => {
     let lane = lanes.get(sink.name);
@@ -70,12 +80,22 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
   // promise hop, and at 15 000 notifications/s the hops of a notification added up to several
   // per cent of the relay's CPU.
   function one(sink: Sink, n: PushNotification, log: () => Logger): Promise<Delivery> {
+    if (!sink.perDevice) return deduplicated(sink, n, log);
+    return deadTokens.take(sink.name, n.device_id).then(
+      (dead): Delivery | Promise<Delivery> => {
+        if (!dead) return deduplicated(sink, n, log);
+        metrics.outcome(sink.name, 'dead-token', REMEMBERED_DEAD.reason);
+        return { sink, result: REMEMBERED_DEAD };
+      },
+      () => deduplicated(sink, n, log),
+    );
+  }
+
+  function deduplicated(sink: Sink, n: PushNotification, log: () => Logger): Promise<Delivery> {
     // Test pushes carry an empty ack_id (§2.2): each is its own request, never a resend.
-    const key = outbox && n.ack_id !== '' ? n.ack_id : undefined;
-    const fresh = key === undefined || outbox!.acquire(key, sink.name, opts.dedupWindowMs, log);
-    if (fresh === true) return deliverAndSettle(sink, key, n, log);
-    if (fresh === false) return Promise.resolve(duplicate(sink));
-    return fresh.then((ok) => (ok ? deliverAndSettle(sink, key, n, log) : duplicate(sink)));
+    if (n.ack_id === '') return deliverAndSettle(sink, undefined, n, log);
+    const key = n.ack_id;
+    return dedup.acquire(key, sink.name, log).then((fresh) => (fresh ? deliverAndSettle(sink, key, n, log) : duplicate(sink)));
   }
 
   function deliverAndSettle(sink: Sink, key: string | undefined, n: PushNotification, log: () => Logger): Promise<Delivery> {
@@ -97,7 +117,7 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
     }
     log().warn({ sink: sink.name, outcome: result.kind, reason: result.reason, detail: result.detail }, 'not delivered');
     // Not accepted: a resend of this notification deserves a real attempt.
-    if (key !== undefined) return outbox!.release(key, sink.name).then(() => ({ sink, result }));
+    if (key !== undefined) return dedup.release(key, sink.name).then(() => ({ sink, result }));
     return { sink, result };
   }
 
@@ -176,66 +196,6 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
       return Promise.all(targets.map((s) => one(s, n, log)));
     },
   };
-}
-
-/**
- * One send bounded by `ms`; a throwing sink is a bug, reported as a permanent failure.
- * `onLate` hears the real outcome of a send that outlived its deadline.
- */
-export function attempt(sink: Sink, n: PushNotification, ms: number, onLate?: (o: Outcome) => void): Promise<Outcome> {
-  return new Promise((resolve) => {
-    let settled = false;
-    const deadline = joinDeadline(ms, () => {
-      if (settled) return;
-      settled = true;
-      resolve({ kind: 'retryable', reason: 'deadline', detail: `no answer within ${ms} ms` });
-    });
-    let sent: Promise<Outcome>;
-    try {
-      sent = sink.send(n, deadline.signal);
-    } catch (err) {
-      sent = Promise.reject(err);
-    }
-    const done = (o: Outcome) => {
-      deadline.leave();
-      if (!settled) {
-        settled = true;
-        resolve(o);
-      } else onLate?.(o);
-    };
-    sent.then(done, (err) => done(bug(err)));
-  });
-}
-
-const bug = (err: unknown): Outcome => ({ kind: 'permanent', reason: 'sink_error', detail: `sink failed: ${(err as Error)?.message ?? err}` });
-
-/**
- * Deadlines shared by the attempts that start within the same 10 ms with the same length: one
- * timer and one AbortSignal per group instead of per attempt (at 10 000 notifications/s those
- * were 3% of the relay's CPU). An attempt gets between `ms` and `ms` + 10 ms.
- */
-const GRANULARITY_MS = 10;
-type DeadlineGroup = { slot: number; controller: AbortController; waiters: Set<() => void> };
-/** The open group per deadline length. */
-const groups = new Map<number, DeadlineGroup>();
-
-function joinDeadline(ms: number, onExpire: () => void): { signal: AbortSignal; leave(): void } {
-  const slot = Math.floor(Date.now() / GRANULARITY_MS);
-  let g = groups.get(ms);
-  if (!g || g.slot !== slot) {
-    const group: DeadlineGroup = { slot, controller: new AbortController(), waiters: new Set() };
-    setMaxListeners(0, group.controller.signal);
-    groups.set(ms, group);
-    setTimeout(() => {
-      if (groups.get(ms) === group) groups.delete(ms);
-      group.controller.abort();
-      for (const expire of group.waiters) expire();
-    }, ms + GRANULARITY_MS);
-    g = group;
-  }
-  const group = g;
-  group.waiters.add(onExpire);
-  return { signal: group.controller.signal, leave: () => group.waiters.delete(onExpire) };
 }
 
 /** A concurrency cap with a bounded wait queue: `enter()` is false when both are full. */

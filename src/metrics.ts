@@ -1,6 +1,6 @@
 // Prometheus metrics, declared up front so every series exists at 0 (STYLE.md §7): a
 // dashboard or alert on `rate(...)` must not wait for the first failure to see the series.
-import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics, type CounterConfiguration, type GaugeConfiguration, type HistogramConfiguration } from 'prom-client';
 import { PUSH_TYPES, type PushStatus } from './contract.js';
 import type { Store } from './store/index.js';
 import type { OutcomeKind, Sink } from '../sinks/types.js';
@@ -9,10 +9,38 @@ const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 
 export type Metrics = ReturnType<typeof createMetrics>;
 
-export function createMetrics(sinks: readonly Sink[], store?: Store) {
+/** The relay's registry, with the process's default series. */
+export function createRegistry(): Registry {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'push_relay_' });
+  return registry;
+}
 
+/**
+ * How a sink declares series of its own, beside its code (STYLE.md §7). Get-or-create by name:
+ * a sink built again (a reload) or two sinks sharing a series (the official proxy's names,
+ * declared by both FCM and APNs) get the one already registered.
+ */
+export type SinkMetrics = {
+  counter<L extends string>(c: Omit<CounterConfiguration<L>, 'registers'>): Counter<L>;
+  gauge<L extends string>(c: Omit<GaugeConfiguration<L>, 'registers'>): Gauge<L>;
+  histogram<L extends string>(c: Omit<HistogramConfiguration<L>, 'registers'>): Histogram<L>;
+};
+
+export function sinkMetrics(registry: Registry): SinkMetrics {
+  const make =
+    // eslint-disable-next-line @typescript-eslint/no-explicit-any -- one helper for three constructors
+    <M>(Kind: new (c: any) => M) =>
+    (c: { name: string }): M =>
+      (registry.getSingleMetric(c.name) as M | undefined) ?? new Kind({ ...c, registers: [registry] });
+  return {
+    counter: make(Counter) as SinkMetrics['counter'],
+    gauge: make(Gauge) as SinkMetrics['gauge'],
+    histogram: make(Histogram) as SinkMetrics['histogram'],
+  };
+}
+
+export function createMetrics(sinks: readonly Sink[], store?: Store, registry: Registry = createRegistry()) {
   const received = new Counter({
     name: 'push_relay_notifications_received_total',
     help: 'Valid notifications received from Mattermost, by push type (unknown types count as other).',
@@ -239,4 +267,5 @@ export const DISPATCH_REASONS: ReadonlyArray<readonly [OutcomeKind, string]> = [
   ['retryable', 'outbox_unavailable'],
   ['permanent', 'sink_error'],
   ['skipped', 'duplicate'],
+  ['dead-token', 'remembered_dead_token'],
 ];

@@ -3,7 +3,8 @@
 // time to live; then they become dead letters with the reason.
 import type { Logger } from 'pino';
 import type { PushNotification } from './contract.js';
-import { attempt } from './dispatch.js';
+import { attempt } from './attempt.js';
+import type { DeadTokens } from './dead-tokens.js';
 import type { Metrics } from './metrics.js';
 import type { PendingDelivery, Store } from './store/index.js';
 import type { Outcome, Sink } from '../sinks/types.js';
@@ -22,6 +23,8 @@ export type OutboxOptions = {
   policy: (sink: string) => OutboxPolicy;
   metrics: Metrics;
   logger: Logger;
+  /** Where a dead token found in a retry is remembered, so the next push to it answers REMOVE. */
+  deadTokens: DeadTokens;
   /** Deliveries claimed per round; they are sent concurrently. */
   batch?: number;
   /** How often an idle worker looks for due deliveries. */
@@ -34,8 +37,6 @@ export type Outbox = {
   /** Keeps a notification a sink refused for good, so an operator can replay it once the sink is fixed. */
   bury(sink: string, n: PushNotification, why: Extract<Outcome, { kind: 'permanent' | 'dead-token' }>): Promise<void>;
   cancel(id: number): Promise<boolean>;
-  acquire(ackId: string, sink: string, windowMs: number, log: () => Logger): boolean | Promise<boolean>;
-  release(ackId: string, sink: string): Promise<void>;
   /** Starts the background worker (resuming whatever a previous run left behind). */
   start(): void;
   stop(): Promise<void>;
@@ -77,7 +78,9 @@ export function createOutbox(opts: OutboxOptions): Outbox {
       case 'skipped':
         return 'done';
       case 'dead-token':
-        // Too late for REMOVE: the reply went out when the delivery was queued.
+        // Too late for this push's REMOVE (its reply went out when it was queued): the next
+        // push to the token answers REMOVE instead.
+        if (sink.perDevice) await opts.deadTokens.remember(sink.name, n.device_id);
         await store.bury({ ...row, attempts }, `dead token: ${outcome.detail ?? outcome.reason}`, now);
         return 'dead';
       case 'permanent':
@@ -186,20 +189,6 @@ export function createOutbox(opts: OutboxOptions): Outbox {
       metrics.deadLetter(sink);
     },
     cancel: (id) => store.cancel(id, Date.now()),
-    acquire(ackId, sink, windowMs, reqLog) {
-      // At-least-once beats at-most-once: without the window, deliver.
-      const unavailable = (err: unknown) => {
-        reqLog().warn({ err: (err as Error).message }, 'dedup window unavailable; delivering anyway');
-        return true;
-      };
-      try {
-        const got = store.dedupAcquire(ackId, sink, windowMs, Date.now());
-        return typeof got === 'boolean' ? got : got.catch(unavailable);
-      } catch (err) {
-        return unavailable(err);
-      }
-    },
-    release: (ackId, sink) => store.dedupRelease(ackId, sink).catch(() => {}),
     start() {
       if (running) return;
       running = true;

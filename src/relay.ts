@@ -5,10 +5,13 @@ import type { Logger } from 'pino';
 import type { Config } from './config.js';
 import { createDispatcher } from './dispatch.js';
 import { createLogger } from './log.js';
-import { createMetrics } from './metrics.js';
+import { createDeadTokens } from './dead-tokens.js';
+import { createDedup } from './dedup.js';
+import { createDeviceRegistry } from './devices.js';
+import { createMetrics, createRegistry, sinkMetrics } from './metrics.js';
 import { createOutbox, type Outbox } from './outbox.js';
 import { createRouter } from './route.js';
-import { openStore, type Store } from './store/index.js';
+import { memoryKv, openStore, type Store } from './store/index.js';
 import { createHttpServer, type HttpServer } from './http.js';
 import { createApp, type App } from './server.js';
 import { createSink } from '../sinks/index.js';
@@ -54,15 +57,29 @@ export async function startRelay(config: Config, logger: Logger = createLogger(c
 }
 
 async function assemble(config: Config, logger: Logger, store: Store | undefined, sinks: Map<string, Sink>): Promise<Relay> {
-  for (const [name, sinkConfig] of Object.entries(config.sinks)) sinks.set(name, createSink(name, sinkConfig, { logger }));
+  const kv = store ? (ns: string) => store.kv(ns) : memoryKv();
+  const registry = createRegistry();
+  const devices = createDeviceRegistry(kv('devices'));
+  for (const [name, sinkConfig] of Object.entries(config.sinks)) {
+    const ctx = {
+      logger: logger.child({ sink: name }),
+      metrics: sinkMetrics(registry),
+      store: kv(`sink:${name}`),
+      devices,
+      mattermostUrl: config.mattermost?.url,
+    };
+    sinks.set(name, createSink(name, sinkConfig, ctx));
+  }
   await Promise.all([...sinks.values()].map((s) => s.start()));
 
   const sinkList = [...sinks.values()];
-  const metrics = createMetrics(sinkList, store);
+  const metrics = createMetrics(sinkList, store, registry);
+  const deadTokens = createDeadTokens(kv('dead-tokens'));
+  const dedup = createDedup(config.delivery.dedupWindow, store?.dedup);
   const policies = new Map([...sinks.keys()].map((name) => [name, sinkPolicy(config, name)]));
   const policy = (name: string) => policies.get(name) ?? sinkPolicy(config, name);
-  const outbox: Outbox | undefined = store ? createOutbox({ store, sinks, policy, metrics, logger }) : undefined;
-  const dispatcher = createDispatcher({ policy, dedupWindowMs: config.delivery.dedupWindow, metrics, outbox });
+  const outbox: Outbox | undefined = store ? createOutbox({ store, sinks, policy, metrics, logger, deadTokens }) : undefined;
+  const dispatcher = createDispatcher({ policy, dedup, deadTokens, metrics, outbox });
   const app = createApp({ config, sinks: sinkList, router: createRouter(config.routes, sinks), dispatcher, metrics, logger });
 
   const { http, port } = await listen(app, config);
@@ -91,6 +108,7 @@ async function assemble(config: Config, logger: Logger, store: Store | undefined
     if ((await Promise.race([closing.then(() => true), sleep(left).then(() => false)])) === false) {
       logger.warn('sinks did not close in time; exiting anyway');
     }
+    dedup.close();
     await store?.close();
     logger.info('stopped');
   }

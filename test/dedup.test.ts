@@ -1,7 +1,7 @@
-// The in-memory idempotency window behind the SQLite store (issue 3: "the same (ack_id, sink)
+// The in-memory idempotency window (src/dedup.ts), used with SQLite and with no store (issue 3: "the same (ack_id, sink)
 // is delivered once within a configurable window").
 import { describe, expect, it } from 'vitest';
-import { createMemoryDedup } from '../src/store/dedup.js';
+import { createMemoryDedup } from '../src/dedup.js';
 
 const WINDOW = 60_000;
 

@@ -2,7 +2,8 @@
 // §3.2), a test per row, and the deadline/exception guard around a single send. Tiny in-test
 // sinks: this is pure policy, no peer involved.
 import { describe, expect, it } from 'vitest';
-import { attempt, replyFor, type Delivery, type Result } from '../src/dispatch.js';
+import { attempt } from '../src/attempt.js';
+import { replyFor, type Delivery, type Result } from '../src/dispatch.js';
 import type { PushNotification } from '../src/contract.js';
 import type { Outcome, Sink } from '../sinks/types.js';
 

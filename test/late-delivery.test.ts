@@ -4,6 +4,8 @@
 import pino from 'pino';
 import { describe, expect, it } from 'vitest';
 import type { PushNotification } from '../src/contract.js';
+import { createDeadTokens } from '../src/dead-tokens.js';
+import { createDedup } from '../src/dedup.js';
 import { createDispatcher, replyFor } from '../src/dispatch.js';
 import { createMetrics } from '../src/metrics.js';
 import { createOutbox } from '../src/outbox.js';
@@ -36,9 +38,10 @@ async function setup(sink: Sink, deadlineMs: number) {
   const metrics = createMetrics([sink], store);
   const logger = pino({ level: 'silent' });
   const policy = () => ({ deadlineMs, ttlMs: 60_000, maxAttempts: 10, retryMinMs: 400, retryMaxMs: 400, concurrency: 10, queue: 10 });
-  const outbox = createOutbox({ store, sinks: new Map([[sink.name, sink]]), policy, metrics, logger, pollMs: 20 });
+  const deadTokens = createDeadTokens(store.kv('dead-tokens'));
+  const outbox = createOutbox({ store, sinks: new Map([[sink.name, sink]]), policy, metrics, logger, deadTokens, pollMs: 20 });
   outbox.start();
-  const dispatcher = createDispatcher({ policy, dedupWindowMs: 60_000, metrics, outbox });
+  const dispatcher = createDispatcher({ policy, dedup: createDedup(60_000), deadTokens, metrics, outbox });
   const deliver = (n: PushNotification) => dispatcher.deliver(n, [sink], () => logger);
   const close = async () => {
     await outbox.stop();

@@ -1,5 +1,5 @@
 // `store:` in the config -> the store behind the outbox.
-import type { Store } from './types.js';
+import type { KeyValue, Store } from './types.js';
 
 /** `sqlite` (default, in dataDir), `postgres://…`, or `none` (no outbox: a sink that is down answers FAIL). */
 export async function openStore(spec: string, dataDir: string, owner: boolean): Promise<Store | undefined> {
@@ -10,4 +10,21 @@ export async function openStore(spec: string, dataDir: string, owner: boolean): 
   throw new Error(`unknown store "${spec}"`);
 }
 
-export type { DeadLetter, NewDelivery, PendingDelivery, Store, StoreStats } from './types.js';
+export type { DeadLetter, KeyValue, NewDelivery, PendingDelivery, Store, StoreStats } from './types.js';
+
+/** A KeyValue namespace in this process's memory: the device registry and sink state under `store: none`. */
+export function memoryKv(): (namespace: string) => KeyValue {
+  const spaces = new Map<string, Map<string, string>>();
+  return (ns) => {
+    let m = spaces.get(ns);
+    if (!m) spaces.set(ns, (m = new Map()));
+    const space = m;
+    return {
+      get: async (key) => space.get(key),
+      set: async (key, value) => void space.set(key, value),
+      delete: async (key) => space.delete(key),
+      list: async (prefix = '') =>
+        [...space].filter(([k]) => k.startsWith(prefix)).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)),
+    };
+  };
+}

@@ -5,7 +5,7 @@
 // Tables are prefixed `push_relay_` so they can live in a database Mattermost admins already run.
 import pg from 'pg';
 import { groupCommit, toDeadLetter, toPending, type DeadRow, type Row } from './shared.js';
-import type { NewDelivery, Store, StoreStats } from './types.js';
+import type { KeyValue, NewDelivery, Store, StoreStats } from './types.js';
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS push_relay_outbox (
@@ -39,6 +39,12 @@ CREATE TABLE IF NOT EXISTS push_relay_dedup (
   sink TEXT NOT NULL,
   expires_at BIGINT NOT NULL,
   PRIMARY KEY (ack_id, sink)
+);
+CREATE TABLE IF NOT EXISTS push_relay_kv (
+  ns TEXT NOT NULL,
+  key TEXT NOT NULL,
+  value TEXT NOT NULL,
+  PRIMARY KEY (ns, key)
 );
 `;
 
@@ -140,7 +146,8 @@ export async function openPostgresStore(url: string): Promise<Store> {
         [now],
       );
     },
-    async dedupAcquire(ackId, sink, windowMs, now) {
+    dedup: {
+    async acquire(ackId, sink, windowMs, now) {
       const rows = await q(
         `INSERT INTO push_relay_dedup (ack_id, sink, expires_at) VALUES ($1, $2, $3)
          ON CONFLICT (ack_id, sink) DO UPDATE SET expires_at = EXCLUDED.expires_at
@@ -151,9 +158,31 @@ export async function openPostgresStore(url: string): Promise<Store> {
       if (Math.random() < 0.001) void n('DELETE FROM push_relay_dedup WHERE expires_at <= $1', [now]).catch(() => {});
       return rows.length === 1;
     },
-    async dedupRelease(ackId, sink) {
+    async release(ackId, sink) {
       await n('DELETE FROM push_relay_dedup WHERE ack_id = $1 AND sink = $2', [ackId, sink]);
     },
+    },
+    kv: (ns): KeyValue => ({
+      async get(key) {
+        return (await q<{ value: string }>('SELECT value FROM push_relay_kv WHERE ns = $1 AND key = $2', [ns, key]))[0]?.value;
+      },
+      async set(key, value) {
+        await n(
+          'INSERT INTO push_relay_kv (ns, key, value) VALUES ($1, $2, $3) ON CONFLICT (ns, key) DO UPDATE SET value = EXCLUDED.value',
+          [ns, key, value],
+        );
+      },
+      async delete(key) {
+        return (await n('DELETE FROM push_relay_kv WHERE ns = $1 AND key = $2', [ns, key])) > 0;
+      },
+      async list(prefix = '') {
+        const rows = await q<{ key: string; value: string }>(
+          'SELECT key, value FROM push_relay_kv WHERE ns = $1 AND left(key, length($2)) = $2 ORDER BY key COLLATE "C"',
+          [ns, prefix],
+        );
+        return rows.map((r) => [r.key, r.value]);
+      },
+    }),
     async stats(): Promise<StoreStats> {
       const [total] = await q<{ n: string; oldest: string | null }>('SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM push_relay_outbox');
       const [dead] = await q<{ n: string }>('SELECT COUNT(*) AS n FROM push_relay_dead_letters');

@@ -3,14 +3,13 @@
 // WAL with synchronous=NORMAL: a commit is in the OS before `enqueue` resolves, so a killed
 // relay loses nothing it answered OK for; only a power cut can lose the last commits
 // (https://www.sqlite.org/wal.html#durability). Writes from concurrent requests are grouped
-// into one transaction per event-loop turn. The dedup window lives in memory: one instance
-// owns this file, and a healthy hot path writes nothing to disk.
+// into one transaction per event-loop turn. The dedup window is not here but in the relay's
+// memory (src/dedup.ts): one instance owns this file, and a healthy hot path writes nothing to disk.
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
-import { createMemoryDedup } from './dedup.js';
 import { groupCommit, toDeadLetter, toPending, type DeadRow, type Row } from './shared.js';
-import type { NewDelivery, PendingDelivery, Store, StoreStats } from './types.js';
+import type { KeyValue, NewDelivery, PendingDelivery, Store, StoreStats } from './types.js';
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS outbox (
@@ -27,6 +26,12 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, id);
 CREATE INDEX IF NOT EXISTS outbox_expiry ON outbox (expires_at);
+CREATE TABLE IF NOT EXISTS kv (
+  ns TEXT NOT NULL,
+  key TEXT NOT NULL,
+  value TEXT NOT NULL,
+  PRIMARY KEY (ns, key)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   sink TEXT NOT NULL,
@@ -101,7 +106,25 @@ export function openSqliteStore({ dataDir, owner }: SqliteOptions): Store {
 
   const commits = groupCommit(insertMany);
 
-  const dedup = createMemoryDedup();
+  const kvGet = db.prepare('SELECT value FROM kv WHERE ns = ? AND key = ?').pluck();
+  const kvSet = db.prepare('INSERT INTO kv (ns, key, value) VALUES (?, ?, ?) ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value');
+  const kvDelete = db.prepare('DELETE FROM kv WHERE ns = ? AND key = ?');
+  // substr, not LIKE: a key may hold % or _.
+  const kvList = db.prepare('SELECT key, value FROM kv WHERE ns = ? AND substr(key, 1, length(?)) = ? ORDER BY key');
+  const kv = (ns: string): KeyValue => ({
+    async get(key) {
+      return kvGet.get(ns, key) as string | undefined;
+    },
+    async set(key, value) {
+      kvSet.run(ns, key, value);
+    },
+    async delete(key) {
+      return kvDelete.run(ns, key).changes > 0;
+    },
+    async list(prefix = '') {
+      return (kvList.all(ns, prefix, prefix) as Array<{ key: string; value: string }>).map((r) => [r.key, r.value]);
+    },
+  });
 
   return {
     kind: 'sqlite',
@@ -126,12 +149,7 @@ export function openSqliteStore({ dataDir, owner }: SqliteOptions): Store {
     async expire(now) {
       return expire(now);
     },
-    dedupAcquire(ackId, sink, windowMs, now) {
-      return dedup.acquire(sink, ackId, windowMs, now);
-    },
-    async dedupRelease(ackId, sink) {
-      dedup.release(sink, ackId);
-    },
+    kv,
     async stats(): Promise<StoreStats> {
       const total = db.prepare('SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox').get() as { n: number; oldest: number | null };
       const dead = db.prepare('SELECT COUNT(*) AS n FROM dead_letters').get() as { n: number };
@@ -178,7 +196,6 @@ export function openSqliteStore({ dataDir, owner }: SqliteOptions): Store {
     },
     async close() {
       await commits.flush();
-      dedup.close();
       db.close();
       lock?.close();
     },

@@ -25,6 +25,19 @@ export type StoreStats = {
   bySink: Record<string, number>;
 };
 
+/**
+ * A namespace of keys and string values in the store, for a sink's own state and the device
+ * registry. Same behaviour on SQLite, PostgreSQL (shared by every instance on it) and memory.
+ */
+export interface KeyValue {
+  get(key: string): Promise<string | undefined>;
+  set(key: string, value: string): Promise<void>;
+  /** True when the key existed. */
+  delete(key: string): Promise<boolean>;
+  /** Every entry whose key starts with `prefix` (all without one), in key order. */
+  list(prefix?: string): Promise<Array<[key: string, value: string]>>;
+}
+
 export interface Store {
   readonly kind: 'sqlite' | 'postgres';
   /** Durable when the promise resolves: the relay answers OK only after that. */
@@ -45,11 +58,16 @@ export interface Store {
   expire(now: number): Promise<number>;
 
   /**
-   * Claims (ackId, sink) for `windowMs`; false when it was claimed already within the window.
-   * Synchronous where the window lives in memory, so the hot path does not wait for nothing.
+   * A dedup window shared by every instance on this store (PostgreSQL); absent where one
+   * instance owns the store and the window lives in its memory (SQLite).
    */
-  dedupAcquire(ackId: string, sink: string, windowMs: number, now: number): boolean | Promise<boolean>;
-  dedupRelease(ackId: string, sink: string): Promise<void>;
+  readonly dedup?: {
+    /** Claims (ackId, sink) for `windowMs`; false when it was claimed already within the window. */
+    acquire(ackId: string, sink: string, windowMs: number, now: number): Promise<boolean>;
+    release(ackId: string, sink: string): Promise<void>;
+  };
+  /** The key-value namespace `namespace`. */
+  kv(namespace: string): KeyValue;
 
   stats(): Promise<StoreStats>;
   list(limit: number): Promise<PendingDelivery[]>;

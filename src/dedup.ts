@@ -1,4 +1,48 @@
-// An in-memory idempotency window for one instance, per scope (sink).
+// The dedup window: the same (ack_id, sink) is delivered once within `delivery.dedupWindow`,
+// whatever the store. Mattermost never resends a push itself (contract §0.5), but a server
+// restarted mid-send, a reverse proxy that retries, or two servers of a cluster can post the
+// same one twice. In this process's memory, or in PostgreSQL when several instances share it.
+import type { Logger } from 'pino';
+import type { Store } from './store/index.js';
+
+export type Dedup = {
+  /** True: this (key, scope) is fresh and now claimed; false: seen within the window. */
+  acquire(key: string, scope: string, log: () => Logger): Promise<boolean>;
+  /** Forgets a claim, so that a resend of a notification that was not accepted is tried again. */
+  release(key: string, scope: string): Promise<void>;
+  close(): void;
+};
+
+const FRESH = Promise.resolve(true);
+const SEEN = Promise.resolve(false);
+const DONE = Promise.resolve();
+
+/** The window of this process, or the store's shared one (`store.dedup`, PostgreSQL). */
+export function createDedup(windowMs: number, shared?: Store['dedup']): Dedup {
+  if (!shared) {
+    const memory = createMemoryDedup();
+    return {
+      acquire: (key, scope) => (memory.acquire(scope, key, windowMs, Date.now()) ? FRESH : SEEN),
+      release(key, scope) {
+        memory.release(scope, key);
+        return DONE;
+      },
+      close: () => memory.close(),
+    };
+  }
+  return {
+    acquire: (key, scope, log) =>
+      shared.acquire(key, scope, windowMs, Date.now()).catch((err: unknown) => {
+        // At-least-once beats at-most-once: without the window, deliver.
+        log().warn({ err: (err as Error).message }, 'dedup window unavailable; delivering anyway');
+        return true;
+      }),
+    release: (key, scope) => shared.release(key, scope).catch(() => {}),
+    close() {},
+  };
+}
+
+// ---- the in-memory window, per scope (sink) ----
 //
 // Keys live in generations of half a window each; three generations are kept, so a key is
 // remembered for at least the window and at most one and a half. Whole generations expire at
