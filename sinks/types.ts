@@ -41,6 +41,8 @@ export interface Sink {
   state(): SinkState;
   /** Delivers one notification. `signal` aborts when the deadline passes: stop waiting then. */
   send(n: PushNotification, signal: AbortSignal): Promise<Outcome>;
+  /** Optional: the VAPID public key browsers subscribe with (a Web Push sink; the pairing page shows it). */
+  readonly vapidPublicKey?: string;
   /** Optional: Mattermost's ack for a push this sink delivered (the upstream sink forwards it). */
   ack?(body: string, signal: AbortSignal): Promise<void>;
   close(): Promise<void>;

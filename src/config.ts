@@ -36,6 +36,8 @@ const MatchSchema = z.strictObject({
   channel_name: oneOrMany.optional(),
   sender_name: oneOrMany.optional(),
   from_webhook: z.preprocess(boolish, z.boolean()).optional(),
+  /** true: device tokens this relay issued (src/devices.ts); false: every other token (the official apps'). */
+  paired: z.preprocess(boolish, z.boolean()).optional(),
 });
 export type Match = z.infer<typeof MatchSchema>;
 

@@ -4,6 +4,7 @@
 // everything (interface.md).
 import type { Config, Match } from './config.js';
 import { parsePlatform, type PushNotification } from './contract.js';
+import { isRelayToken } from './devices.js';
 import type { Sink } from '../sinks/types.js';
 
 export type Router = (n: PushNotification) => Sink[];
@@ -27,7 +28,7 @@ export function createRouter(routes: Config['routes'], sinks: ReadonlyMap<string
 
 function compileMatch(match: Match): (n: PushNotification) => boolean {
   const tests: Array<(n: PushNotification) => boolean> = [];
-  const oneOf = (key: Exclude<keyof Match, 'platform' | 'from_webhook'>, values: string[]) => {
+  const oneOf = (key: Exclude<keyof Match, 'platform' | 'from_webhook' | 'paired'>, values: string[]) => {
     const set = new Set(values);
     tests.push((n) => set.has(n[key] ?? ''));
   };
@@ -42,6 +43,10 @@ function compileMatch(match: Match): (n: PushNotification) => boolean {
   if (match.from_webhook !== undefined) {
     const want = match.from_webhook;
     tests.push((n) => (n.from_webhook === 'true') === want);
+  }
+  if (match.paired !== undefined) {
+    const want = match.paired;
+    tests.push((n) => isRelayToken(n.device_id) === want);
   }
   return (n) => tests.every((t) => t(n));
 }
