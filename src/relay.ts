@@ -1,5 +1,6 @@
 // Assembles a running relay from a config: sinks, routes, dispatcher, HTTP server, and an
 // orderly stop (stop accepting, answer what is in flight, close the sinks).
+import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Logger } from 'pino';
 import type { Config } from './config.js';
@@ -12,7 +13,6 @@ import { createMetrics, createRegistry, sinkMetrics } from './metrics.js';
 import { createOutbox, type Outbox } from './outbox.js';
 import { createRouter } from './route.js';
 import { memoryKv, openStore, type Store } from './store/index.js';
-import { createHttpServer, type HttpServer } from './http.js';
 import { createApp, type App } from './server.js';
 import { createSink } from '../sinks/index.js';
 import type { Sink } from '../sinks/types.js';
@@ -95,7 +95,7 @@ async function assemble(config: Config, logger: Logger, store: Store | undefined
   let stopping: Promise<void> | undefined;
   async function stop() {
     const deadline = Date.now() + config.server.shutdownTimeout;
-    http.server.close();
+    http.close();
     http.closeIdleConnections();
     // Answer every request already accepted: their deliveries are bounded by the sink deadline.
     while (app.inFlight() > 0 && Date.now() < deadline) await sleep(20);
@@ -116,21 +116,23 @@ async function assemble(config: Config, logger: Logger, store: Store | undefined
   return { app, url, port, sinks, stop: () => (stopping ??= stop()) };
 }
 
-function listen(app: App, config: Config): Promise<{ http: HttpServer; port: number }> {
+function listen(app: App, config: Config): Promise<{ http: Server; port: number }> {
   const { host, port } = config.server;
   return new Promise((resolve, reject) => {
-    const http = createHttpServer({
-      routes: app.routes,
-      fallback: app.listener,
-      bodyLimit: config.server.bodyLimit,
-      // Mattermost's client keeps idle connections 90 s (contract §1.1). Closing ours sooner
-      // races its next POST on a dying socket, and Go does not retry a POST: a lost push.
-      keepAliveTimeout: 95_000,
-      headersTimeout: 96_000,
-      requestTimeout: 300_000,
-    });
-    http.server.once('error', (err) => reject(new Error(`cannot listen on ${host}:${port}: ${err.message}`)));
-    http.server.listen(port, host, () => resolve({ http, port: (http.server.address() as AddressInfo).port }));
+    const http = createServer(
+      {
+        // Mattermost's client keeps idle connections 90 s (contract §1.1). Closing ours sooner
+        // races its next POST on a dying socket, and Go does not retry a POST: a lost push.
+        keepAliveTimeout: 95_000,
+        headersTimeout: 96_000,
+        requestTimeout: 300_000,
+        // Each answer is one small write the client waits for: no Nagle delay.
+        noDelay: true,
+      },
+      app.listener,
+    );
+    http.once('error', (err) => reject(new Error(`cannot listen on ${host}:${port}: ${err.message}`)));
+    http.listen(port, host, () => resolve({ http, port: (http.address() as AddressInfo).port }));
   });
 }
 

@@ -1,25 +1,26 @@
-// The HTTP face: Mattermost's two calls plus the operator's endpoints.
+// The HTTP face: Mattermost's two calls plus the operator's endpoints, behind one parser.
 //
 // Mattermost posts JSON with no Content-Type (§1.1), never retries (§0.5) and only reads a
 // 200 reply whose values are all strings (§3.1): every path below ends in such a reply,
 // including bad input and bugs, so the server's log always says what went wrong.
 //
-// Three ways in, one `serve()`: the two API calls as Mattermost sends them are read off the
-// socket by src/http.ts (`App.routes`); node:http serves whatever that declines
-// (`App.listener`: the API calls directly, the rest through Hono), and Hono serves the
-// operator endpoints and the API through `app.request`. Why not Hono for everything:
-// @hono/node-server builds a WHATWG Request, a body stream and an AbortSignal per request
-// once a middleware reads the body, and node:http builds its own objects before that; on our
-// 2-core machines those alone cost more than the rest of a notification (bench/README.md).
+// Every byte on the port is read by node:http (llhttp, the parser every Node server and its
+// security fixes share). The two API calls have two entrances that build the same request
+// value and go through the same guards into the same handler (`serveApi`):
+// - `listener`, the node:http listener: a POST to an API path is served straight from the
+//   IncomingMessage, without Hono's WHATWG Request, body stream and AbortSignal per call
+//   (on our 2-core machines those cost more than the rest of a notification, bench/README.md);
+//   everything else goes to Hono;
+// - Hono's routes for the same paths, which is what `app.request()` reaches in tests.
+// test/http.test.ts holds the two to the same bytes for the same requests.
 import { timingSafeEqual } from 'node:crypto';
 import type { IncomingMessage, RequestListener, ServerResponse } from 'node:http';
 import { getRequestListener } from '@hono/node-server';
-import { Hono } from 'hono';
+import { Hono, type Context } from 'hono';
 import type { Logger } from 'pino';
 import type { Config } from './config.js';
-import { fastNotification, parseBody, PushAckSchema, PushNotificationSchema, shortToken, type PushResponse } from './contract.js';
+import { fastNotification, parseBody, PushAckSchema, PushNotificationSchema, shortToken, type PushNotification, type PushResponse } from './contract.js';
 import { replyFor, type Dispatcher } from './dispatch.js';
-import type { Reply, Route } from './http.js';
 import type { Metrics } from './metrics.js';
 import type { Router } from './route.js';
 import { VERSION } from './version.js';
@@ -34,17 +35,36 @@ export type AppDeps = {
   logger: Logger;
 };
 
-type Endpoint = 'send_push' | 'ack';
-/** What an API call answers: an HTTP status (200 but for 401/413) and a contract body. */
-type Answer = { status: 200 | 401 | 413; body: PushResponse | string; headers?: Record<string, string> };
+export type Endpoint = 'send_push' | 'ack';
+
+/** One call to the API, whichever entrance it came through. */
+export type ApiRequest = {
+  endpoint: Endpoint;
+  /** The raw Authorization header. */
+  authorization: string | undefined;
+  userAgent: string | undefined;
+  /** The peer's address ('' when there is no socket, as under `app.request`). */
+  remoteAddress: string;
+  /** The raw X-Forwarded-For header (honoured only from trusted proxies). */
+  forwardedFor: string | undefined;
+};
+
+/** What an API call answers: an HTTP status and a contract body (or a plain-text refusal). */
+export type ApiAnswer = { status: number; body: PushResponse | string; headers?: Readonly<Record<string, string>> };
+
+/** A check made on every API call before its body is read; an answer refuses the call. */
+export type Guard = (req: ApiRequest) => ApiAnswer | undefined;
 
 export type App = Hono & {
   inFlight(): number;
-  /** The API calls as src/http.ts serves them, by path. */
-  routes: ReadonlyMap<string, Route>;
   /** The node:http listener: the API calls directly, everything else through Hono. */
   listener: RequestListener;
+  /** Routes and delivers one notification as a send_push would (the pairing page's test push). */
+  push(n: PushNotification): Promise<PushResponse>;
 };
+
+/** The body as text, or undefined when it is over the limit; rejects when the client goes away. */
+type BodyReader = () => Promise<string | undefined>;
 
 export function createApp({ config, sinks, router, dispatcher, metrics, logger }: AppDeps): App {
   const base = config.server.basePath;
@@ -53,23 +73,15 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
     [`${base}/api/v1/send_push`, 'send_push'],
     [`${base}/api/v1/ack`, 'ack'],
   ]);
-  const authorized = config.server.auth ? basicAuth(config.server.auth) : () => true;
+  const guards: Guard[] = [];
+  if (config.server.auth) guards.push(basicAuth(config.server.auth, logger));
+  const ackSinks = sinks.filter((s) => s.ack);
   let inFlight = 0;
   let seq = 0;
 
   const pid = process.pid.toString(36);
-  /** Parses, routes and delivers; a promise only while sinks are at work. */
-  function sendPush(text: string, ua: string | undefined): PushResponse | Promise<PushResponse> {
-    const id = ++seq;
-    const req = () => `${pid}-${id.toString(36)}`;
-    const parsed = parseBody(PushNotificationSchema, text, fastNotification);
-    if (!parsed.ok) {
-      metrics.invalid('send_push', 'invalid_payload');
-      metrics.reply('FAIL');
-      logger.warn({ req: req(), error: parsed.error, ua }, 'rejected an invalid send_push payload');
-      return { status: 'FAIL', error: parsed.error };
-    }
-    const n = parsed.value;
+
+  function deliver(n: PushNotification, req: () => string): Promise<PushResponse> {
     metrics.received(n.type);
     let child: Logger | undefined;
     const log = () =>
@@ -83,6 +95,20 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
     });
   }
 
+  /** Parses, routes and delivers. */
+  function sendPush(text: string, ua: string | undefined): PushResponse | Promise<PushResponse> {
+    const id = ++seq;
+    const req = () => `${pid}-${id.toString(36)}`;
+    const parsed = parseBody(PushNotificationSchema, text, fastNotification);
+    if (!parsed.ok) {
+      metrics.invalid('send_push', 'invalid_payload');
+      metrics.reply('FAIL');
+      logger.warn({ req: req(), error: parsed.error, ua }, 'rejected an invalid send_push payload');
+      return { status: 'FAIL', error: parsed.error };
+    }
+    return deliver(parsed.value, req);
+  }
+
   function ack(text: string): PushResponse {
     const parsed = parseBody(PushAckSchema, text);
     if (!parsed.ok) {
@@ -92,88 +118,73 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
     }
     metrics.ack();
     logger.debug({ ack_id: parsed.value.id, type: parsed.value.type, platform: parsed.value.platform }, 'ack');
+    // Sinks that want acks (an upstream proxy counts them) get them in the background: the
+    // reply never waits for them, and each is bounded by the delivery deadline.
+    for (const s of ackSinks) {
+      void s.ack!(text, AbortSignal.timeout(config.sinks[s.name]?.deadline ?? config.delivery.deadline)).catch((err: unknown) =>
+        logger.debug({ sink: s.name, err: (err as Error).message }, 'ack not forwarded'),
+      );
+    }
     return { status: 'OK' };
   }
 
-  const tooLarge = (endpoint: Endpoint): Answer => {
+  const tooLarge = (endpoint: Endpoint): ApiAnswer => {
     metrics.invalid(endpoint, 'too_large');
     logger.warn({ endpoint, limit }, `rejected a body over server.bodyLimit (${limit} bytes)`);
     return { status: 413, body: { status: 'FAIL', error: `request body larger than ${limit} bytes` } };
   };
-  const UNAUTHORIZED: Answer = {
-    status: 401,
-    body: "unauthorized: put user:password in Mattermost's push notification server URL",
-    headers: { 'WWW-Authenticate': 'Basic realm="push-relay"' },
-  };
-
-  const internalError = (err: unknown, endpoint: Endpoint): Answer => {
+  const internalError = (err: unknown, endpoint: Endpoint): ApiAnswer => {
     logger.error({ err, endpoint }, 'bug: request handler failed');
     // Still a contract reply: Mattermost logs the text, and we keep serving.
     return { status: 200, body: { status: 'FAIL', error: `internal error: ${(err as Error).message}` } };
   };
-  const ok200 = (body: PushResponse): Answer => ({ status: 200, body });
-  const settled = (answer: Answer) => {
-    inFlight--;
-    return answer;
-  };
+  const ok200 = (body: PushResponse): ApiAnswer => ({ status: 200, body });
 
   /**
-   * One API call with its body in hand (undefined: over the limit). Never rejects: bad input
-   * and bugs alike end in a contract answer. Chained by hand, not async: see dispatch.ts.
+   * The one way into the API: guards, then the body, then the handler. Resolves with the
+   * answer, or undefined when the client went away before its body was in (nothing to answer).
+   * Chained by hand, not async: see dispatch.ts.
    */
-  function serve(endpoint: Endpoint, authorization: string | undefined, ua: string | undefined, text: string | undefined): Promise<Answer> {
+  function serveApi(req: ApiRequest, readBody: BodyReader): Promise<ApiAnswer | undefined> {
+    for (let i = 0; i < guards.length; i++) {
+      const refused = (guards[i] as Guard)(req);
+      if (refused) return Promise.resolve(refused);
+    }
     inFlight++;
-    let answer: Answer | Promise<Answer>;
-    try {
-      if (!authorized(authorization)) {
-        logger.warn({ endpoint }, 'rejected a request without valid credentials (server.auth)');
-        answer = UNAUTHORIZED;
-      } else if (text === undefined) answer = tooLarge(endpoint);
-      else if (endpoint === 'ack') answer = ok200(ack(text));
-      else {
-        const reply = sendPush(text, ua);
-        answer = reply instanceof Promise ? reply.then(ok200) : ok200(reply);
-      }
-    } catch (err) {
-      answer = internalError(err, endpoint);
-    }
-    if (!(answer instanceof Promise)) return Promise.resolve(settled(answer));
-    return answer.then(settled, (err) => settled(internalError(err, endpoint)));
-  }
-
-  /** The same, for callers that read the body themselves (only once the caller is authorized). */
-  async function api(
-    endpoint: Endpoint,
-    authorization: string | undefined,
-    ua: string | undefined,
-    readBody: () => Promise<string | undefined>,
-  ): Promise<Answer> {
-    if (!authorized(authorization)) return serve(endpoint, authorization, ua, '');
-    let text: string | undefined;
-    inFlight++; // reading the body counts too: shutdown waits for it
-    try {
-      text = await readBody();
-    } catch (err) {
-      return internalError(err, endpoint);
-    } finally {
-      inFlight--;
-    }
-    return serve(endpoint, authorization, ua, text);
+    return readBody()
+      .then(
+        (text): ApiAnswer | Promise<ApiAnswer> => {
+          if (text === undefined) return tooLarge(req.endpoint);
+          if (req.endpoint === 'ack') return ok200(ack(text));
+          const reply = sendPush(text, req.userAgent);
+          return reply instanceof Promise ? reply.then(ok200) : ok200(reply);
+        },
+        (err: unknown) => {
+          // The client abandoned its request (reset, or a chunked body never finished): there is
+          // no one to answer and nothing was delivered. Not a bug, so not an error line.
+          logger.debug({ endpoint: req.endpoint, err: (err as Error).message }, 'client went away before its request was complete');
+          return undefined;
+        },
+      )
+      .catch((err: unknown) => internalError(err, req.endpoint))
+      .finally(() => {
+        inFlight--;
+      });
   }
 
   // ---- Hono: operator endpoints, and the API for app.request ----
 
-  const app = new Hono();
+  const app = new Hono<{ Bindings: { incoming?: IncomingMessage } }>();
   for (const [path, endpoint] of paths) {
     app.post(path, async (c) => {
-      const declared = Number(c.req.header('content-length') ?? NaN);
-      const answer = await api(endpoint, c.req.header('authorization'), c.req.header('user-agent'), async () => {
-        if (declared > limit) return undefined;
+      const answer = await serveApi(honoRequest(c, endpoint), async () => {
+        if (Number(c.req.header('content-length') ?? NaN) > limit) return undefined;
         const buf = await c.req.arrayBuffer();
         return buf.byteLength > limit ? undefined : new TextDecoder().decode(buf);
       });
-      if (typeof answer.body === 'string') return c.text(answer.body, answer.status, answer.headers);
-      return c.json(answer.body, answer.status);
+      if (!answer) return c.body(null, 400);
+      const reply = toReply(answer);
+      return c.body(reply.body, reply.status as 200, { 'Content-Type': reply.type, ...reply.headers });
     });
     app.all(path, (c) => c.text('method not allowed: use POST', 405, { Allow: 'POST' }));
   }
@@ -192,25 +203,56 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
     return c.json({ status: 'FAIL', error: `internal error: ${err.message}` }, 500);
   });
 
-  // ---- node:http: the API calls without the Request/stream/AbortSignal per call ----
+  // ---- node:http: the API calls straight from the IncomingMessage ----
 
   const hono = getRequestListener(app.fetch);
   const listener: RequestListener = (req, res) => {
-    const endpoint = req.method === 'POST' ? paths.get(req.url ?? '') : undefined;
+    if (hostCount(req.rawHeaders) > 1) {
+      // RFC 9112 §3.2: a request with more than one Host is answered 400. node:http keeps the first.
+      res.writeHead(400, { 'Content-Type': 'text/plain; charset=UTF-8', Connection: 'close' });
+      return void res.end('bad request: more than one Host header');
+    }
+    const url = req.url ?? '';
+    const q = url.indexOf('?');
+    const endpoint = req.method === 'POST' ? paths.get(q < 0 ? url : url.slice(0, q)) : undefined;
     if (!endpoint) return void hono(req, res);
-    void api(endpoint, req.headers.authorization, req.headers['user-agent'], () => readLimited(req, limit)).then((answer) =>
-      send(res, answer),
-    );
+    const value: ApiRequest = {
+      endpoint,
+      authorization: req.headers.authorization,
+      userAgent: req.headers['user-agent'],
+      remoteAddress: req.socket.remoteAddress ?? '',
+      forwardedFor: req.headers['x-forwarded-for'] as string | undefined,
+    };
+    void serveApi(value, () => readLimited(req, limit)).then((answer) => {
+      if (answer) send(res, answer);
+      else if (!res.headersSent) res.destroy();
+    });
   };
 
-  const routes = new Map<string, Route>(
-    [...paths].map(([path, endpoint]) => [
-      path,
-      (body, authorization, ua) => serve(endpoint, authorization, ua, body).then(toReply),
-    ]),
-  );
+  return Object.assign(app as unknown as Hono, {
+    inFlight: () => inFlight,
+    listener,
+    push: (n: PushNotification) => deliver(n, () => `${pid}-${(++seq).toString(36)}`),
+  });
+}
 
-  return Object.assign(app, { inFlight: () => inFlight, routes, listener });
+function hostCount(raw: string[]): number {
+  let n = 0;
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i] as string;
+    if (name.length === 4 && name.toLowerCase() === 'host') n++;
+  }
+  return n;
+}
+
+function honoRequest(c: Context<{ Bindings: { incoming?: IncomingMessage } }>, endpoint: Endpoint): ApiRequest {
+  return {
+    endpoint,
+    authorization: c.req.header('authorization'),
+    userAgent: c.req.header('user-agent'),
+    remoteAddress: c.env?.incoming?.socket.remoteAddress ?? '',
+    forwardedFor: c.req.header('x-forwarded-for'),
+  };
 }
 
 /** The body as UTF-8 text, or undefined once it passes `limit` bytes (declared or sent). */
@@ -239,19 +281,25 @@ function readLimited(req: IncomingMessage, limit: number): Promise<string | unde
       if (!over) resolve((chunks.length === 1 ? (chunks[0] as Buffer) : Buffer.concat(chunks, size)).toString('utf8'));
     });
     req.on('error', reject);
+    req.on('close', () => {
+      if (!req.complete) reject(new Error('request aborted'));
+    });
   });
 }
 
-const OK_REPLY: Reply = { status: 200, type: 'application/json', body: JSON.stringify({ status: 'OK' } satisfies PushResponse) };
+type Reply = { status: number; type: string; body: string; headers?: Readonly<Record<string, string>> };
 
-function toReply(answer: Answer): Reply {
+const JSON_TYPE = 'application/json';
+const OK_REPLY: Reply = { status: 200, type: JSON_TYPE, body: JSON.stringify({ status: 'OK' } satisfies PushResponse) };
+
+function toReply(answer: ApiAnswer): Reply {
   const body = answer.body;
   if (typeof body === 'string') return { status: answer.status, type: 'text/plain; charset=UTF-8', body, headers: answer.headers };
   if (answer.status === 200 && body.status === 'OK' && body.error === undefined) return OK_REPLY;
-  return { status: answer.status, type: 'application/json', body: JSON.stringify(body), headers: answer.headers };
+  return { status: answer.status, type: JSON_TYPE, body: JSON.stringify(body), headers: answer.headers };
 }
 
-function send(res: ServerResponse, answer: Answer) {
+function send(res: ServerResponse, answer: ApiAnswer) {
   const reply = toReply(answer);
   res.writeHead(reply.status, { 'Content-Type': reply.type, 'Content-Length': Buffer.byteLength(reply.body), ...reply.headers });
   res.end(reply.body);
@@ -261,10 +309,17 @@ function send(res: ServerResponse, answer: Answer) {
  * Mattermost sends `Authorization: Basic` when its push server URL carries userinfo
  * (`https://user:pass@relay/`, contract §1.1): that is the one credential it can present.
  */
-function basicAuth(auth: { username: string; password: string }): (header: string | undefined) => boolean {
+function basicAuth(auth: { username: string; password: string }, logger: Logger): Guard {
   const expected = Buffer.from(`Basic ${Buffer.from(`${auth.username}:${auth.password}`).toString('base64')}`);
-  return (header) => {
-    const got = Buffer.from(header ?? '');
-    return got.length === expected.length && timingSafeEqual(got, expected);
+  const refused: ApiAnswer = {
+    status: 401,
+    body: "unauthorized: put user:password in Mattermost's push notification server URL",
+    headers: { 'WWW-Authenticate': 'Basic realm="push-relay"' },
+  };
+  return (req) => {
+    const got = Buffer.from(req.authorization ?? '');
+    if (got.length === expected.length && timingSafeEqual(got, expected)) return undefined;
+    logger.warn({ endpoint: req.endpoint }, 'rejected a request without valid credentials (server.auth)');
+    return refused;
   };
 }
