@@ -5,10 +5,10 @@
 // for bugs. `reason` is a short stable code (it becomes a metric label); `detail` is the
 // human text that ends up in logs and in Mattermost's FAIL error.
 import type { Logger } from 'pino';
+import type { Counter, CounterConfiguration, Gauge, GaugeConfiguration, Histogram, HistogramConfiguration } from 'prom-client';
 import type { z } from 'zod';
 import type { PushNotification } from '../src/contract.js';
 import type { DeviceRegistry } from '../src/devices.js';
-import type { SinkMetrics } from '../src/metrics.js';
 import type { KeyValue } from '../src/store/types.js';
 
 export type Outcome =
@@ -47,6 +47,17 @@ export interface Sink {
   ack?(body: string, signal: AbortSignal): Promise<void>;
   close(): Promise<void>;
 }
+
+/**
+ * How a sink declares series of its own, beside its code (STYLE.md §7). Get-or-create by name:
+ * a sink built again (a reload) or two sinks sharing a series (the official proxy's names,
+ * declared by both FCM and APNs) get the one already registered.
+ */
+export type SinkMetrics = {
+  counter<L extends string>(c: Omit<CounterConfiguration<L>, 'registers'>): Counter<L>;
+  gauge<L extends string>(c: Omit<GaugeConfiguration<L>, 'registers'>): Gauge<L>;
+  histogram<L extends string>(c: Omit<HistogramConfiguration<L>, 'registers'>): Histogram<L>;
+};
 
 /** What the relay gives each sink it builds. */
 export type SinkContext = {

@@ -1,9 +1,9 @@
 // Prometheus metrics, declared up front so every series exists at 0 (STYLE.md §7): a
 // dashboard or alert on `rate(...)` must not wait for the first failure to see the series.
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics, type CounterConfiguration, type GaugeConfiguration, type HistogramConfiguration } from 'prom-client';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import { PUSH_TYPES, type PushStatus } from './contract.js';
 import type { Store } from './store/index.js';
-import type { OutcomeKind, Sink } from '../sinks/types.js';
+import type { OutcomeKind, Sink, SinkMetrics } from '../sinks/types.js';
 
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
 
@@ -16,17 +16,7 @@ export function createRegistry(): Registry {
   return registry;
 }
 
-/**
- * How a sink declares series of its own, beside its code (STYLE.md §7). Get-or-create by name:
- * a sink built again (a reload) or two sinks sharing a series (the official proxy's names,
- * declared by both FCM and APNs) get the one already registered.
- */
-export type SinkMetrics = {
-  counter<L extends string>(c: Omit<CounterConfiguration<L>, 'registers'>): Counter<L>;
-  gauge<L extends string>(c: Omit<GaugeConfiguration<L>, 'registers'>): Gauge<L>;
-  histogram<L extends string>(c: Omit<HistogramConfiguration<L>, 'registers'>): Histogram<L>;
-};
-
+/** SinkMetrics on the relay's registry: get-or-create by name (sinks/types.ts says why). */
 export function sinkMetrics(registry: Registry): SinkMetrics {
   const make =
     // eslint-disable-next-line @typescript-eslint/no-explicit-any -- one helper for three constructors
