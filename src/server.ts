@@ -151,25 +151,33 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
       if (refused) return Promise.resolve(refused);
     }
     inFlight++;
-    return readBody()
-      .then(
-        (text): ApiAnswer | Promise<ApiAnswer> => {
-          if (text === undefined) return tooLarge(req.endpoint);
-          if (req.endpoint === 'ack') return ok200(ack(text));
-          const reply = sendPush(text, req.userAgent);
-          return reply instanceof Promise ? reply.then(ok200) : ok200(reply);
-        },
-        (err: unknown) => {
-          // The client abandoned its request (reset, or a chunked body never finished): there is
-          // no one to answer and nothing was delivered. Not a bug, so not an error line.
-          logger.debug({ endpoint: req.endpoint, err: (err as Error).message }, 'client went away before its request was complete');
-          return undefined;
-        },
-      )
-      .catch((err: unknown) => internalError(err, req.endpoint))
-      .finally(() => {
-        inFlight--;
-      });
+    const settle = (answer: ApiAnswer | undefined) => {
+      inFlight--;
+      return answer;
+    };
+    const failed = (err: unknown) => settle(internalError(err, req.endpoint));
+    return readBody().then(
+      (text) => {
+        let answer: ApiAnswer | Promise<ApiAnswer>;
+        try {
+          if (text === undefined) answer = tooLarge(req.endpoint);
+          else if (req.endpoint === 'ack') answer = ok200(ack(text));
+          else {
+            const reply = sendPush(text, req.userAgent);
+            answer = reply instanceof Promise ? reply.then(ok200) : ok200(reply);
+          }
+        } catch (err) {
+          return failed(err);
+        }
+        return answer instanceof Promise ? answer.then(settle, failed) : settle(answer);
+      },
+      (err: unknown) => {
+        // The client abandoned its request (reset, or a chunked body never finished): there is
+        // no one to answer and nothing was delivered. Not a bug, so not an error line.
+        logger.debug({ endpoint: req.endpoint, err: (err as Error).message }, 'client went away before its request was complete');
+        return settle(undefined);
+      },
+    );
   }
 
   // ---- Hono: operator endpoints, and the API for app.request ----
