@@ -577,6 +577,11 @@ const median = (xs) => {
 };
 const fmt = (x) => (Number.isFinite(x) ? Math.round(x).toLocaleString('en-US') : 'n/a');
 const pct = (x) => (Number.isFinite(x) ? `${Math.round(x * 100)}%` : 'n/a');
+/**
+ * The server's CPU time per OK answer in the measured run, in µs. Steadier than OK/s on a
+ * shared machine: a server starved of CPU answers fewer, but each costs it about the same.
+ */
+const cpuPerOk = (r) => (r.cpu.target * r.seconds * 1e6) / r.ok;
 const LABEL = { relay: 'relay (r)', naive: 'naive (n)', ceiling: 'ceiling (a)', seed: 'seed (b)' };
 
 function describe(key, n, r) {
@@ -584,7 +589,8 @@ function describe(key, n, r) {
   let line =
     `  round ${n} ${LABEL[key].padEnd(12)} ${fmt(r.okPerSec).padStart(7)} OK/s  ` +
     `(${fmt(r.ok)} OK in ${r.seconds.toFixed(1)} s; latency p50 ${(r.lat_p50_us / 1000).toFixed(1)} ms, p99 ${(r.lat_p99_us / 1000).toFixed(1)} ms; ` +
-    `cpu: ${key} ${pct(r.cpu.target)}${Number.isFinite(r.cpu.broker) ? `, broker ${pct(r.cpu.broker)}` : ''}, wrk ${pct(r.cpu.wrk)})`;
+    `cpu: ${key} ${pct(r.cpu.target)}${Number.isFinite(r.cpu.broker) ? `, broker ${pct(r.cpu.broker)}` : ''}, wrk ${pct(r.cpu.wrk)}; ` +
+    `${fmt(cpuPerOk(r))} µs of ${key} CPU per OK)`;
   const bad = [];
   if (r.bad_status) bad.push(`${fmt(r.bad_status)} non-2xx`);
   if (r.bad_body) bad.push(`${fmt(r.bad_body)} bodies not OK`);
@@ -664,11 +670,14 @@ async function main() {
     const l = key === 'ceiling' ? '' : `; lost ${lost(key)}`;
     process.stdout.write(`  ${LABEL[key].padEnd(12)} ${fmt(med[key]).padStart(7)}   (rounds: ${each}; answers not OK: ${notOk(key)}${l})\n`);
   }
+  const cpu = Object.fromEntries([...results].map(([k, rs]) => [k, median(rs.map(cpuPerOk))]));
+  process.stdout.write(`median CPU per OK answer: ${targets.map(([k]) => `${k} ${fmt(cpu[k])} µs`).join(', ')}\n`);
   const mark = (ok) => (ok ? 'PASS' : 'MISS');
   process.stdout.write('\n');
   if (med.relay !== undefined && med.naive !== undefined) {
     const x = med.relay / med.naive;
-    process.stdout.write(`relay / naive     ${x.toFixed(2).padStart(5)}x   target >= ${GOALS.naiveRatio.toFixed(1)}x    ${mark(x >= GOALS.naiveRatio)}\n`);
+    process.stdout.write(`relay / naive     ${x.toFixed(2).padStart(5)}x   target >= ${GOALS.naiveRatio.toFixed(1)}x    ${mark(x >= GOALS.naiveRatio)}` +
+      `   (CPU per OK: naive / relay ${(cpu.naive / cpu.relay).toFixed(2)}x)\n`);
   }
   if (med.relay !== undefined && med.seed !== undefined) {
     const x = med.relay / med.seed;
