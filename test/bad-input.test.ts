@@ -231,6 +231,7 @@ describe.skipIf(!haveMosquitto())('bad input to send_push', () => {
     it('answers 413 to an over-limit body sent chunked, without Content-Length', async () => {
       const reply = await send(JSON.stringify(uniquePush({ message: 'x'.repeat(300_000) })), small, true);
       expect(reply.status).toBe(413);
+      expect(reply.json).toEqual({ status: 'FAIL', error: expect.stringContaining('2048 bytes') });
     });
 
     it('accepts a body just under server.bodyLimit (2kb)', async () => {
@@ -257,7 +258,7 @@ describe.skipIf(!haveMosquitto())('bad input to send_push', () => {
     it('answers 413 to 1.1 MiB under the default 1 MiB limit', async () => {
       const reply = await sendJson(uniquePush({ message: 'z'.repeat(1.1 * 1024 * 1024) }));
       expect(reply.status).toBe(413);
-      expect(reply.json).toMatchObject({ status: 'FAIL' });
+      expect(reply.json).toEqual({ status: 'FAIL', error: expect.stringContaining('1048576 bytes') });
     });
   });
 
