@@ -8,6 +8,7 @@ import { haveMosquitto, startMosquitto, type Mosquitto } from './helpers/mosquit
 import { subscribe, type Subscriber } from './helpers/mqtt.js';
 import { messagePush } from './helpers/payloads.js';
 import { startTestRelay } from './helpers/relay.js';
+import { sleep } from './helpers/wait.js';
 
 let seq = 0;
 function uniquePush(overrides: Record<string, unknown> = {}) {
@@ -26,6 +27,8 @@ describe.skipIf(!haveMosquitto())('bad input to send_push', () => {
   let broker: Mosquitto;
   let relay: Relay;
   let small: Relay;
+  /** The message-format sinks only: no json sink to overflow on deep nesting. */
+  let textOnly: Relay;
   let notif: Subscriber;
   let chan: Subscriber;
   let json: Subscriber;
@@ -40,9 +43,10 @@ describe.skipIf(!haveMosquitto())('bad input to send_push', () => {
     };
     relay = await startTestRelay({ delivery: { deadline: '3s' }, sinks });
     small = await startTestRelay({ server: { bodyLimit: '2kb' }, sinks: { notif: sinks.notif } });
+    textOnly = await startTestRelay({ delivery: { deadline: '3s' }, sinks: { notif: sinks.notif, chan: sinks.chan } });
   });
   afterAll(async () => {
-    await Promise.all([relay?.stop(), small?.stop()]);
+    await Promise.all([relay?.stop(), small?.stop(), textOnly?.stop()]);
     await broker?.stop();
   });
 
@@ -166,23 +170,56 @@ describe.skipIf(!haveMosquitto())('bad input to send_push', () => {
     expect(JSON.parse(obj!.payload.toString('utf8'))).toEqual(JSON.parse(text));
   });
 
-  it.each([10_000, 100_000])(
-    'answers a clear contract reply to a valid push with an unknown field nested %i deep, and the message sink delivers it',
-    async (depth) => {
-      const before = notif.messages.length;
-      const push = uniquePush();
-      const text = `${JSON.stringify(push).slice(0, -1)},"future":${'{"x":'.repeat(depth)}1${'}'.repeat(depth)}}`;
-      const reply = await send(text);
+  // Go's encoding/json takes at most 10 000 levels of nesting in all (encoding/json
+  // scanner.go, maxNestingDepth): the official proxy answers OK to a push whose unknown field
+  // nests 9 999 levels inside the push object, and FAIL "Failed to read message body: ...
+  // exceeded max depth" to one level more (contract §5.2). The relay is to answer the same.
+  describe("nesting against Go's limit of 10 000 levels", () => {
+    /** A valid push with an unknown field nested `levels` deep: `levels + 1` levels in all. */
+    const nested = (push: Record<string, unknown>, levels: number) =>
+      `${JSON.stringify(push).slice(0, -1)},"future":${'{"x":'.repeat(levels)}1${'}'.repeat(levels)}}`;
+
+    it('answers OK to a push 10 000 levels deep in all, the deepest Go takes, and the text sinks deliver it', async () => {
+      const before = { notif: notif.messages.length, chan: chan.messages.length };
+      const push = uniquePush({ channel_name: 'deep' });
+      const reply = await send(nested(push, 9_999), textOnly);
       expect(reply.status).toBe(200);
-      const body = reply.json as { status: string; error?: string };
-      // The json sink may be unable to render that depth (V8's JSON.stringify recurses); then
-      // the reply names it. Either way nothing crashes and the message sink delivers.
-      if (body.status === 'FAIL') expect(body.error).toMatch(/^json: /);
-      else expect(body).toEqual({ status: 'OK' });
-      const [got] = (await notif.waitFor(before + 1)).slice(before);
+      expect(reply.text).toBe('{"status":"OK"}');
+      const [got] = (await notif.waitFor(before.notif + 1)).slice(before.notif);
       expect(got?.payload.toString('utf8')).toBe(push.message);
-    },
-  );
+      const [onChannel] = (await chan.waitFor(before.chan + 1)).slice(before.chan);
+      expect(onChannel?.topic).toBe('mmch/deep');
+    });
+
+    // Today V8's JSON.stringify overflows its stack past ~5 000 levels, so the json sink
+    // answers FAIL "json: sink failed: Maximum call stack size exceeded" (issue 11). When
+    // this starts passing, make it an `it`.
+    it.fails('answers OK to a push 10 000 levels deep in all and the json sink publishes it whole (fails until issue 11)', async () => {
+      const before = { notif: notif.messages.length, json: json.messages.length };
+      const push = uniquePush();
+      const reply = await send(nested(push, 9_999));
+      // The message sink delivers either way; waited for so it cannot land in a later test.
+      await notif.waitFor(before.notif + 1);
+      expect(reply.text).toBe('{"status":"OK"}');
+      const [got] = (await json.waitFor(before.json + 1)).slice(before.json);
+      const published = got!.payload.toString('utf8');
+      expect(published.split('{"x":').length - 1).toBe(9_999);
+      expect(published).toContain(JSON.stringify(push.message));
+    });
+
+    // Today the relay parses any depth (V8's JSON.parse does not recurse) and the text
+    // sinks deliver it; issue 11 adds the depth limit, decided before any sink sees the push.
+    // When these start passing, make them `it`s.
+    it.fails.each([10_000, 100_000])(
+      'answers FAIL naming the depth to a push with a field nested %i deep, past what Go takes, and delivers nothing (fails until issue 11)',
+      async (levels) => {
+        const before = notif.messages.length;
+        expectFail(await send(nested(uniquePush(), levels), textOnly), /depth|nest/i);
+        await sleep(300);
+        expect(notif.messages.length).toBe(before);
+      },
+    );
+  });
 
   describe('body limit', () => {
     it('answers 413 with a FAIL naming the limit to a body over server.bodyLimit (2kb)', async () => {
@@ -194,6 +231,7 @@ describe.skipIf(!haveMosquitto())('bad input to send_push', () => {
     it('answers 413 to an over-limit body sent chunked, without Content-Length', async () => {
       const reply = await send(JSON.stringify(uniquePush({ message: 'x'.repeat(300_000) })), small, true);
       expect(reply.status).toBe(413);
+      expect(reply.json).toEqual({ status: 'FAIL', error: expect.stringContaining('2048 bytes') });
     });
 
     it('accepts a body just under server.bodyLimit (2kb)', async () => {
@@ -220,7 +258,7 @@ describe.skipIf(!haveMosquitto())('bad input to send_push', () => {
     it('answers 413 to 1.1 MiB under the default 1 MiB limit', async () => {
       const reply = await sendJson(uniquePush({ message: 'z'.repeat(1.1 * 1024 * 1024) }));
       expect(reply.status).toBe(413);
-      expect(reply.json).toMatchObject({ status: 'FAIL' });
+      expect(reply.json).toEqual({ status: 'FAIL', error: expect.stringContaining('1048576 bytes') });
     });
   });
 

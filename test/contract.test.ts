@@ -160,7 +160,7 @@ describe('the ack schema', () => {
 
   it('accepts an ack as the server re-marshals it', () => {
     const r = parseBody(PushAckSchema, JSON.stringify(ack));
-    expect(r.ok).toBe(true);
+    expect(r).toEqual({ ok: true, value: ack });
   });
 
   it('rejects an ack without id, naming id', () => {

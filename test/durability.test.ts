@@ -13,7 +13,7 @@ import { messagePush, payload } from './helpers/payloads.js';
 import { createDatabase, havePostgres } from './helpers/postgres.js';
 import { CLI, runCli, spawnRelay, startTestRelay } from './helpers/relay.js';
 import { tempDir } from './helpers/tmp.js';
-import { sleep, until } from './helpers/wait.js';
+import { GiveUp, sleep, until } from './helpers/wait.js';
 
 const run = promisify(execFile);
 const mosquitto = haveMosquitto();
@@ -65,11 +65,30 @@ async function waitForAll(sub: Subscriber, ok: Set<string>, timeoutMs = 20_000, 
   return { duplicates: [...seen.values()].reduce((a, n) => a + n - 1, 0), seen };
 }
 
-function metric(text: string, name: string): number {
-  return text
-    .split('\n')
-    .filter((l) => l.startsWith(name))
-    .reduce((sum, l) => sum + Number(l.split(' ').pop()), 0);
+/**
+ * The value of a series on /metrics: `name` or `name{label="value",...}`, the name matched
+ * exactly and the labels given matched among the series' own; several matching series are
+ * summed. Throws when no series matches, so a renamed or missing series fails the test
+ * instead of reading as 0 (GiveUp: an `until` polling it stops at once).
+ */
+function metric(text: string, selector: string): number {
+  const want = /^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?$/.exec(selector);
+  if (!want) throw new GiveUp(`not a series selector: ${selector}`);
+  const [, name, wantLabels = ''] = want;
+  const labels = (s: string) => [...s.matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)].map(([, k, v]) => `${k}=${v}`);
+  const needed = labels(wantLabels);
+  let found = 0;
+  let sum = 0;
+  for (const line of text.split('\n')) {
+    const m = /^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$/.exec(line);
+    if (!m || m[1] !== name) continue;
+    const have = labels(m[2] ?? '');
+    if (!needed.every((l) => have.includes(l))) continue;
+    found++;
+    sum += Number(m[3]);
+  }
+  if (found === 0) throw new GiveUp(`no series ${selector} on /metrics`);
+  return sum;
 }
 
 for (const sc of STORES) {
@@ -223,7 +242,7 @@ for (const sc of STORES) {
       for (const p of ids) expect(list.stdout).toContain(`ack_id=${p.ackId}`);
       expect((await runCli(['outbox', 'retry', '--config', file])).stdout).toMatch(/^3 deliveries due now/m);
       const refused = await runCli(['outbox', 'purge', '--config', file]);
-      expect(refused.code).not.toBe(0);
+      expect(refused.code).toBe(2); // a usage error (src/cli.ts fail()), not a crash (1)
       expect(refused.stderr).toContain('--yes');
       expect((await runCli(['outbox', 'purge', '--yes', '--config', file])).stdout).toMatch(/^3 deliveries deleted/m);
       expect((await runCli(['outbox', 'stats', '--config', file])).stdout).toMatch(/^outbox: 0 pending/m);
@@ -239,13 +258,20 @@ for (const sc of STORES) {
       await until('the sink to notice the broker is gone', async () => (await get(`${relay.url}/readyz`)).status === 503);
       const p = push();
       expect((await post(`${relay.url}/api/v1/send_push`, p.body)).json).toEqual({ status: 'OK' });
+      // The gauge is the age of what waits, in seconds: after 50 ms it cannot read 0 while
+      // the delivery waits, nor more than the seconds this test has run.
+      await sleep(50);
       const queued = (await get(`${relay.url}/metrics`)).text;
       expect(metric(queued, 'push_relay_outbox_depth{sink="j"}')).toBe(1);
-      expect(metric(queued, 'push_relay_outbox_oldest_age_seconds')).toBeGreaterThanOrEqual(0);
+      expect(metric(queued, 'push_relay_outbox_oldest_age_seconds')).toBeGreaterThanOrEqual(0.05);
+      expect(metric(queued, 'push_relay_outbox_oldest_age_seconds')).toBeLessThan(5);
+      expect(metric(queued, 'push_relay_dead_letters')).toBe(0);
       await until('the expired delivery to become a dead letter', async () => {
         const text = (await get(`${relay.url}/metrics`)).text;
-        return metric(text, 'push_relay_outbox_depth{sink="j"}') === 0 && metric(text, 'push_relay_dead_letters ') === 1;
+        return metric(text, 'push_relay_outbox_depth{sink="j"}') === 0 && metric(text, 'push_relay_dead_letters') === 1;
       }, { timeoutMs: 8000, intervalMs: 200 });
+      // Nothing waits any more: the oldest-age gauge is back to 0, not the dead letter's age.
+      expect(metric((await get(`${relay.url}/metrics`)).text, 'push_relay_outbox_oldest_age_seconds')).toBe(0);
       await relay.stop();
       const listed = await runCli(['dead-letters', 'list', '--config', file]);
       expect(listed.stdout).toContain(`ack_id=${p.ackId}`);
@@ -271,8 +297,12 @@ for (const sc of STORES) {
         timeoutMs: 8000,
         intervalMs: 100,
       });
+      // Attempt 1 at request time ran into its deadline and went to the outbox; attempt 2,
+      // the outbox's, was the last of the budget: given up on, not scheduled again.
       const text = (await get(`${relay.url}/metrics`)).text;
+      expect(metric(text, 'push_relay_outbox_enqueued_total{sink="j"}')).toBe(1);
       expect(metric(text, 'push_relay_outbox_retries_total{sink="j"}')).toBe(0);
+      expect(metric(text, 'push_relay_sink_outcomes_total{sink="j",outcome="queued",reason="deadline"}')).toBe(1);
       broker.resume();
       await relay.stop();
       const listed = await runCli(['dead-letters', 'list', '--config', file]);

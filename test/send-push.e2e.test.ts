@@ -153,12 +153,19 @@ describe.skipIf(!haveMosquitto())('send_push end to end', () => {
   });
 
   it('counts received notifications by type on /metrics', async () => {
-    const reply = await get(`${relay.url}/metrics`);
-    expect(reply.status).toBe(200);
-    expect(reply.headers['content-type']).toMatch(/^text\/plain/);
-    const m = /^push_relay_notifications_received_total\{type="message"\} (\d+)$/m.exec(reply.text);
-    expect(m, 'push_relay_notifications_received_total{type="message"} series').not.toBeNull();
-    expect(Number(m![1])).toBeGreaterThan(0);
+    const count = async (type: string) => {
+      const reply = await get(`${relay.url}/metrics`);
+      expect(reply.status).toBe(200);
+      expect(reply.headers['content-type']).toMatch(/^text\/plain/);
+      const m = new RegExp(`^push_relay_notifications_received_total\\{type="${type}"\\} (\\d+)$`, 'm').exec(reply.text);
+      expect(m, `push_relay_notifications_received_total{type="${type}"} series`).not.toBeNull();
+      return Number(m![1]);
+    };
+    // Other tests in this file post too: count what one message and one clear add.
+    const before = { message: await count('message'), clear: await count('clear') };
+    expect((await send(uniquePush())).text).toBe(OK);
+    expect((await send(payload('08').text)).text).toBe(OK);
+    expect({ message: await count('message'), clear: await count('clear') }).toEqual({ message: before.message + 1, clear: before.clear + 1 });
   });
 
   it('answers a valid ack with {"status":"OK"}', async () => {
