@@ -56,6 +56,7 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
   const authorized = config.server.auth ? basicAuth(config.server.auth) : () => true;
   let inFlight = 0;
   let seq = 0;
+  const ackSinks = sinks.filter((s) => s.ack);
 
   const pid = process.pid.toString(36);
   /** Parses, routes and delivers; a promise only while sinks are at work. */
@@ -91,6 +92,8 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
       return { status: 'FAIL', error: parsed.error };
     }
     metrics.ack();
+    // Sinks that forward acks (an upstream proxy) get a copy, fire-and-forget: the reply never waits.
+    for (const s of ackSinks) s.ack!(text, AbortSignal.timeout(config.delivery.deadline)).catch((err) => logger.warn({ sink: s.name, err: (err as Error).message }, 'ack forwarding failed'));
     logger.debug({ ack_id: parsed.value.id, type: parsed.value.type, platform: parsed.value.platform }, 'ack');
     return { status: 'OK' };
   }

@@ -1,0 +1,103 @@
+// A stand-in for another push proxy (mattermost-push-proxy, HPNS): a node:http server on
+// 127.0.0.1 and a kernel-chosen port that records every request as bytes and answers what the
+// test tells it to, the way the official proxy does (200 + a JSON map of strings, contract §3.1).
+import { createServer, type IncomingHttpHeaders, type ServerResponse } from 'node:http';
+import type { AddressInfo, Socket } from 'node:net';
+import { afterAll } from 'vitest';
+
+export type UpstreamRequest = {
+  method: string;
+  path: string;
+  headers: IncomingHttpHeaders;
+  body: Buffer;
+  /** Which TCP connection carried it (1, 2, ... in order of accept). */
+  connection: number;
+};
+
+/** What to answer: a reply, or `hang` to never answer (a timeout). */
+export type UpstreamAnswer = { status?: number; headers?: Record<string, string>; body?: string } | 'hang';
+
+export type FakeUpstream = {
+  url: string;
+  requests: UpstreamRequest[];
+  /** TCP connections accepted so far. */
+  connections(): number;
+  /** Replaces how requests are answered (default: 200 {"status":"OK"}). */
+  answer(fn: (req: UpstreamRequest) => UpstreamAnswer): void;
+  /** Resolves once `n` requests to `path` have arrived; throws after `timeoutMs`. */
+  waitFor(path: string, n: number, timeoutMs?: number): Promise<UpstreamRequest[]>;
+  close(): Promise<void>;
+};
+
+const OK: UpstreamAnswer = { body: '{"status":"OK"}' };
+const open = new Set<FakeUpstream>();
+
+export async function startUpstream(): Promise<FakeUpstream> {
+  const requests: UpstreamRequest[] = [];
+  const sockets = new Map<Socket, number>();
+  const hanging = new Set<ServerResponse>();
+  const waiters = new Set<() => void>();
+  let respond: (req: UpstreamRequest) => UpstreamAnswer = () => OK;
+
+  const server = createServer((req, res) => {
+    const chunks: Buffer[] = [];
+    req.on('data', (c: Buffer) => chunks.push(c));
+    req.on('end', () => {
+      const r: UpstreamRequest = {
+        method: req.method ?? '',
+        path: req.url ?? '',
+        headers: req.headers,
+        body: Buffer.concat(chunks),
+        connection: sockets.get(req.socket) ?? 0,
+      };
+      requests.push(r);
+      for (const w of waiters) w();
+      const a = r.path === '/version' ? { body: '{"hash":"abc1234","version":"6.5.0"}' } : respond(r);
+      if (a === 'hang') return void hanging.add(res);
+      // Like the official proxy: no Content-Type on the API answers (contract §3.4).
+      res.writeHead(a.status ?? 200, { 'Content-Length': Buffer.byteLength(a.body ?? ''), ...a.headers });
+      res.end(a.body ?? '');
+    });
+  });
+  server.on('connection', (s) => sockets.set(s, sockets.size + 1));
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as AddressInfo).port;
+
+  const handle: FakeUpstream = {
+    url: `http://127.0.0.1:${port}`,
+    requests,
+    connections: () => sockets.size,
+    answer(fn) {
+      respond = fn;
+    },
+    waitFor(path, n, timeoutMs = 5000) {
+      const matching = () => requests.filter((r) => r.path === path);
+      if (matching().length >= n) return Promise.resolve(matching());
+      return new Promise((resolve, reject) => {
+        const check = () => {
+          if (matching().length < n) return;
+          clearTimeout(timer);
+          waiters.delete(check);
+          resolve(matching());
+        };
+        const timer = setTimeout(() => {
+          waiters.delete(check);
+          reject(new Error(`expected ${n} request(s) to ${path} within ${timeoutMs} ms, got ${matching().length}`));
+        }, timeoutMs);
+        waiters.add(check);
+      });
+    },
+    async close() {
+      open.delete(handle);
+      for (const res of hanging) res.destroy();
+      server.closeAllConnections();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+  open.add(handle);
+  return handle;
+}
+
+afterAll(async () => {
+  await Promise.all([...open].map((u) => u.close().catch(() => {})));
+});
