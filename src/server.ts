@@ -22,6 +22,7 @@ import { replyFor, type Dispatcher } from './dispatch.js';
 import type { Reply, Route } from './http.js';
 import type { Metrics } from './metrics.js';
 import type { Router } from './route.js';
+import { createSignatureCheck } from './signatures.js';
 import { VERSION } from './version.js';
 import type { Sink } from '../sinks/types.js';
 
@@ -56,6 +57,7 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
   const authorized = config.server.auth ? basicAuth(config.server.auth) : () => true;
   let inFlight = 0;
   let seq = 0;
+  const checkSignature = createSignatureCheck(config.signatures, metrics.registry);
   const ackSinks = sinks.filter((s) => s.ack);
 
   const pid = process.pid.toString(36);
@@ -72,6 +74,12 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
     }
     const n = parsed.value;
     metrics.received(n.type);
+    const refused = checkSignature(n);
+    if (refused !== undefined) {
+      metrics.reply('FAIL');
+      logger.warn({ req: req(), error: refused, type: n.type, device: shortToken(n.device_id), ua }, 'refused a push: signature check failed');
+      return { status: 'FAIL', error: refused };
+    }
     let child: Logger | undefined;
     const log = () =>
       (child ??= logger.child({ req: req(), ack_id: n.ack_id, platform: n.platform, type: n.type, device: shortToken(n.device_id) }));
