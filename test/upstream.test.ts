@@ -5,9 +5,9 @@ import { describe, expect, it } from 'vitest';
 import { retryAfter } from '../sinks/upstream.js';
 import { post } from './helpers/http.js';
 import { payload } from './helpers/payloads.js';
-import { startTestRelay } from './helpers/relay.js';
+import { spawnRelay, startTestRelay } from './helpers/relay.js';
 import { tempDir } from './helpers/tmp.js';
-import { startUpstream, type FakeUpstream, type UpstreamAnswer } from './helpers/upstream.js';
+import { startConnectProxy, startUpstream, testCertificate, type FakeUpstream, type UpstreamAnswer } from './helpers/upstream.js';
 import { sleep, until } from './helpers/wait.js';
 
 const SEND = '/api/v1/send_push';
@@ -280,4 +280,39 @@ describe('retryAfter', () => {
   });
   it('caps it at an hour', () => expect(retryAfter('999999')).toBe(3_600_000));
   it('ignores nonsense', () => expect(retryAfter('soon')).toBeUndefined());
+});
+
+describe('reaching an HTTPS upstream as a user would', () => {
+  it('trusts the CA that NODE_EXTRA_CA_CERTS adds, and goes through HTTPS_PROXY when it is set', async () => {
+    const cert = testCertificate();
+    const upstream = await startUpstream({ tls: cert });
+    const proxy = await startConnectProxy();
+    const relay = await spawnRelay({
+      config: { store: 'none', sinks: { official: { type: 'upstream', url: upstream.url } } },
+      env: { NODE_EXTRA_CA_CERTS: cert.certFile, HTTPS_PROXY: proxy.url, NO_PROXY: undefined, no_proxy: undefined, https_proxy: undefined },
+    });
+    const body = push();
+    for (let i = 0; i < 3; i++) expect((await post(`${relay.url}${SEND}`, body.replace(/"ack_id": "up/, `"ack_id": "p${i}`))).json).toEqual({ status: 'OK' });
+    const got = await upstream.waitFor(SEND, 3);
+    expect(got[0]!.body.toString('utf8')).toBe(body.replace(/"ack_id": "up/, '"ack_id": "p0'));
+    // Every connection went through the proxy, and one tunnel carried several pushes.
+    expect(proxy.tunnels.length).toBeGreaterThanOrEqual(1);
+    expect(proxy.tunnels.every((t) => t === upstream.url.replace('https://', ''))).toBe(true);
+    expect(proxy.tunnels.length).toBe(upstream.connections());
+    expect(upstream.connections()).toBeLessThan(3 + 1);
+    await relay.stop();
+    await proxy.close();
+    await upstream.close();
+  });
+
+  it('refuses an upstream whose certificate nobody vouches for: retryable, never REMOVE', async () => {
+    const cert = testCertificate();
+    const upstream = await startUpstream({ tls: cert });
+    const relay = await relayTo(upstream);
+    const res = await post(`${relay.url}${SEND}`, push());
+    expect(res.json).toEqual({ status: 'FAIL', error: expect.stringMatching(/^official: https:\/\/127\.0\.0\.1:\d+: .*(self-signed|SELF_SIGNED)/i) });
+    expect(upstream.requests.filter((r) => r.path === SEND)).toHaveLength(0);
+    await relay.stop();
+    await upstream.close();
+  });
 });

@@ -1,9 +1,14 @@
 // A stand-in for another push proxy (mattermost-push-proxy, HPNS): a node:http server on
 // 127.0.0.1 and a kernel-chosen port that records every request as bytes and answers what the
 // test tells it to, the way the official proxy does (200 + a JSON map of strings, contract §3.1).
-import { createServer, type IncomingHttpHeaders, type ServerResponse } from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
+import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { createServer, type IncomingHttpHeaders, type RequestListener, type Server, type ServerResponse } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
+import { connect, type AddressInfo, type Socket } from 'node:net';
+import { join } from 'node:path';
 import { afterAll } from 'vitest';
+import { tempDir } from './tmp.js';
 
 export type UpstreamRequest = {
   method: string;
@@ -32,14 +37,27 @@ export type FakeUpstream = {
 const OK: UpstreamAnswer = { body: '{"status":"OK"}' };
 const open = new Set<FakeUpstream>();
 
-export async function startUpstream(): Promise<FakeUpstream> {
+/** A self-signed certificate for 127.0.0.1 and localhost, made now with openssl (nothing committed). */
+export function testCertificate(): { certFile: string; cert: string; key: string } {
+  const dir = tempDir('push-relay-cert-');
+  const certFile = join(dir, 'cert.pem');
+  const keyFile = join(dir, 'key.pem');
+  execFileSync('openssl', [
+    'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '1',
+    '-subj', '/CN=push-relay test upstream', '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost',
+    '-keyout', keyFile, '-out', certFile,
+  ], { stdio: 'ignore' });
+  return { certFile, cert: readFileSync(certFile, 'utf8'), key: readFileSync(keyFile, 'utf8') };
+}
+
+export async function startUpstream(opts: { tls?: { cert: string; key: string } } = {}): Promise<FakeUpstream> {
   const requests: UpstreamRequest[] = [];
   const sockets = new Map<Socket, number>();
   const hanging = new Set<ServerResponse>();
   const waiters = new Set<() => void>();
   let respond: (req: UpstreamRequest) => UpstreamAnswer = () => OK;
 
-  const server = createServer((req, res) => {
+  const listener: RequestListener = (req, res) => {
     const chunks: Buffer[] = [];
     req.on('data', (c: Buffer) => chunks.push(c));
     req.on('end', () => {
@@ -58,13 +76,14 @@ export async function startUpstream(): Promise<FakeUpstream> {
       res.writeHead(a.status ?? 200, { 'Content-Length': Buffer.byteLength(a.body ?? ''), ...a.headers });
       res.end(a.body ?? '');
     });
-  });
-  server.on('connection', (s) => sockets.set(s, sockets.size + 1));
+  };
+  const server: Server = opts.tls ? createHttpsServer(opts.tls, listener) : createServer(listener);
+  server.on(opts.tls ? 'secureConnection' : 'connection', (s) => sockets.set(s, sockets.size + 1));
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   const port = (server.address() as AddressInfo).port;
 
   const handle: FakeUpstream = {
-    url: `http://127.0.0.1:${port}`,
+    url: `${opts.tls ? 'https' : 'http'}://127.0.0.1:${port}`,
     requests,
     connections: () => sockets.size,
     answer(fn) {
@@ -101,3 +120,42 @@ export async function startUpstream(): Promise<FakeUpstream> {
 afterAll(async () => {
   await Promise.all([...open].map((u) => u.close().catch(() => {})));
 });
+
+export type ConnectProxy = { url: string; tunnels: string[]; close(): Promise<void> };
+
+/** An HTTP proxy that only tunnels (CONNECT, RFC 9110 §9.3.6), recording each target. */
+export async function startConnectProxy(): Promise<ConnectProxy> {
+  const tunnels: string[] = [];
+  const sockets = new Set<Socket>();
+  const server = createServer((_req, res) => {
+    res.writeHead(405);
+    res.end('CONNECT only');
+  });
+  server.on('connect', (req, client: Socket, head: Buffer) => {
+    tunnels.push(req.url ?? '');
+    const [host, port] = (req.url ?? '').split(':');
+    const target = connect(Number(port), host, () => {
+      client.write('HTTP/1.1 200 Connection Established\r\n\r\n');
+      target.write(head);
+      target.pipe(client);
+      client.pipe(target);
+    });
+    for (const s of [client, target]) {
+      sockets.add(s);
+      s.on('error', () => {});
+      s.on('close', () => sockets.delete(s));
+    }
+    target.on('error', () => client.destroy());
+    client.on('close', () => target.destroy());
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as AddressInfo;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    tunnels,
+    async close() {
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+}
