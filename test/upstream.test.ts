@@ -205,6 +205,21 @@ describe('what the upstream receives', () => {
     await upstream.close();
   });
 
+  it('sends again once, on a fresh connection, when a pooled connection turns out reset before any answer', async () => {
+    const upstream = await startUpstream();
+    // The second request on the first connection meets a reset, as when the server drops an
+    // idle keep-alive connection just as the relay reuses it.
+    upstream.answer((r) => (r.connection === 1 && upstream.requests.filter((q) => q.connection === 1 && q.path === SEND).length === 2 ? 'reset' : { body: '{"status":"OK"}' }));
+    const relay = await relayTo(upstream, { connections: 1 });
+    expect((await post(`${relay.url}${SEND}`, push())).json).toEqual({ status: 'OK' });
+    expect((await post(`${relay.url}${SEND}`, push())).json).toEqual({ status: 'OK' });
+    const sent = upstream.requests.filter((r) => r.path === SEND);
+    expect(sent.map((r) => r.connection)).toEqual([1, 1, 2]);
+    expect(sent[2]!.body.equals(sent[1]!.body)).toBe(true);
+    await relay.stop();
+    await upstream.close();
+  });
+
   it('reuses a few pooled connections for many pushes', async () => {
     const upstream = await startUpstream();
     const relay = await relayTo(upstream, { connections: 4 });

@@ -19,8 +19,8 @@ export type UpstreamRequest = {
   connection: number;
 };
 
-/** What to answer: a reply, or `hang` to never answer (a timeout). */
-export type UpstreamAnswer = { status?: number; headers?: Record<string, string>; body?: string } | 'hang';
+/** What to answer: a reply, `hang` to never answer (a timeout), or `reset` to drop the connection with a TCP RST. */
+export type UpstreamAnswer = { status?: number; headers?: Record<string, string>; body?: string } | 'hang' | 'reset';
 
 export type FakeUpstream = {
   url: string;
@@ -72,6 +72,7 @@ export async function startUpstream(opts: { tls?: { cert: string; key: string } 
       for (const w of waiters) w();
       const a = r.path === '/version' ? { body: '{"hash":"abc1234","version":"6.5.0"}' } : respond(r);
       if (a === 'hang') return void hanging.add(res);
+      if (a === 'reset') return void req.socket.resetAndDestroy();
       // Like the official proxy: no Content-Type on the API answers (contract §3.4).
       res.writeHead(a.status ?? 200, { 'Content-Length': Buffer.byteLength(a.body ?? ''), ...a.headers });
       res.end(a.body ?? '');
