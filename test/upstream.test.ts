@@ -47,6 +47,17 @@ describe('the upstream sink: what the upstream answers becomes the reply Matterm
       { status: 500, body: 'internal error' },
       { status: 'FAIL', error: expect.stringMatching(/answered HTTP 500: internal error$/) },
     ],
+    ['answers OK for a 200 with a status it does not know, as the server does', { body: '{"status":"QUEUED"}' }, { status: 'OK' }],
+    [
+      'answers FAIL for a 200 whose values are not all strings (Go cannot decode it)',
+      { body: '{"status":"OK","code":1}' },
+      { status: 'FAIL', error: expect.stringMatching(/not a push proxy reply/) },
+    ],
+    [
+      'answers FAIL (no outbox) for a 429, naming the status',
+      { status: 429, headers: { 'Retry-After': '1' }, body: 'limit exceeded' },
+      { status: 'FAIL', error: expect.stringMatching(/answered HTTP 429: limit exceeded$/) },
+    ],
     ['answers FAIL (no outbox) for a 404, naming the status', { status: 404, body: '' }, { status: 'FAIL', error: expect.stringMatching(/answered HTTP 404$/) }],
   ];
   for (const [name, answer, reply] of rows) {
