@@ -4,7 +4,9 @@
 // The V8 flag halves the young generation (16 -> 8 MB semi-spaces): ~30 MB less resident
 // memory for a few percent of throughput (bench/README.md). npm start, the Dockerfile and the
 // benchmarks all run this file through its shebang, so the flag lives here only.
+import { readFileSync } from 'node:fs';
 import { ConfigError, loadConfig, type Config } from './config.js';
+import { translateProxyConfig } from './import-proxy-config.js';
 import { createLogger } from './log.js';
 import { sinkPolicy, startRelay } from './relay.js';
 import { openStore, type PendingDelivery } from './store/index.js';
@@ -21,6 +23,8 @@ Usage:
                                        inspect or replay deliveries given up on
   push-relay send [--url URL] [--message TEXT] [--channel NAME] [--type TYPE]
                                        post a test notification the way Mattermost does, print the reply
+  push-relay import-proxy-config FILE  print the push-relay YAML for a mattermost-push-proxy config JSON
+                                       (exit 2, naming each one, when something cannot be translated)
   push-relay version                   print the version
 
 With no config file the relay listens on 0.0.0.0:8066 and publishes each notification's text
@@ -105,6 +109,23 @@ function checkConfig(args: string[]) {
     `${file ?? 'built-in defaults'}: OK\n  listen: ${config.server.host}:${config.server.port}${config.server.basePath}\n` +
       `  sinks: ${sinks.join(', ')}\n  routes: ${config.routes?.length ?? 'none (every sink gets everything)'}\n`,
   );
+}
+
+/** The YAML on stdout; problems and notes on stderr; exit 2 when something was not translated. */
+function importProxyConfig(args: string[]) {
+  const file = args.find((a) => !a.startsWith('-') || a === '-');
+  if (!file) fail('import-proxy-config needs the mattermost-push-proxy config file (or - for stdin)');
+  let input: unknown;
+  try {
+    input = JSON.parse(readFileSync(file === '-' ? 0 : file, 'utf8'));
+  } catch (err) {
+    fail(`${file}: ${err instanceof SyntaxError ? 'not valid JSON: ' : 'cannot read: '}${(err as Error).message}`, 1);
+  }
+  const { yaml, problems, notes } = translateProxyConfig(input, file === '-' ? 'stdin' : file);
+  process.stdout.write(yaml);
+  for (const n of notes) process.stderr.write(`push-relay: note: ${n}\n`);
+  for (const p of problems) process.stderr.write(`push-relay: cannot translate: ${p}\n`);
+  if (problems.length) process.exitCode = 2;
 }
 
 /** Positional words: the arguments that are neither options nor their values. */
@@ -230,6 +251,9 @@ switch (command) {
     break;
   case 'send':
     await sendCommand(rest);
+    break;
+  case 'import-proxy-config':
+    importProxyConfig(rest);
     break;
   case 'version':
   case '--version':

@@ -5,6 +5,7 @@ import { readFileSync } from 'node:fs';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { boolish, duration, int, oneOrMany, size, url, type SinkConfigBase } from './schema.js';
+import { SignaturesSchema } from './signatures.js';
 import { defaultSinks, SINK_MODULES } from '../sinks/index.js';
 
 export class ConfigError extends Error {
@@ -98,6 +99,8 @@ export const ConfigSchema = z
     dataDir: z.string().min(1).default('./data'),
     /** The Mattermost server: links to posts (permalinks), and the pairing page logs in to it. */
     mattermost: z.strictObject({ url: url(['http', 'https']).transform((u) => u.replace(/\/+$/, '')).optional() }).optional(),
+    /** Pushes must carry the server's ES256 signature (src/signatures.ts, contract §2.4). */
+    signatures: SignaturesSchema.optional(),
     sinks: z.record(z.string().regex(/^[A-Za-z0-9_.-]+$/, { message: 'sink names use letters, digits, _ . -' }), SinkSchema),
     routes: z.array(RouteSchema).optional(),
   })

@@ -172,10 +172,26 @@ export function parseBody<T>(
   }
   // The fast check rejects a null where a value is expected, so nulls only matter to zod.
   const quick = fast?.(json as Record<string, unknown>);
-  if (quick !== undefined) return { ok: true, value: quick };
+  if (quick !== undefined) {
+    RAW_BODIES.set(quick as object, body);
+    return { ok: true, value: quick };
+  }
   const parsed = schema.safeParse(withoutNulls(json as Record<string, unknown>), { reportInput: true });
-  if (parsed.success) return { ok: true, value: parsed.data };
-  return { ok: false, error: describeIssues(parsed.error) };
+  if (!parsed.success) return { ok: false, error: describeIssues(parsed.error) };
+  RAW_BODIES.set(parsed.data as object, body);
+  return { ok: true, value: parsed.data };
+}
+
+/** The text each value `parseBody` returned was parsed from; held weakly, gone with the value. */
+const RAW_BODIES = new WeakMap<object, string>();
+
+/**
+ * The exact body Mattermost posted for `value`, when `value` came from `parseBody` in this
+ * process (a sink that forwards to another push proxy sends these bytes, not our re-encoding).
+ * Undefined for a notification rebuilt elsewhere, e.g. read back from the outbox.
+ */
+export function rawBody(value: object): string | undefined {
+  return RAW_BODIES.get(value);
 }
 
 function withoutNulls(obj: Record<string, unknown>): Record<string, unknown> {

@@ -23,6 +23,7 @@ import { fastNotification, parseBody, PushAckSchema, PushNotificationSchema, sho
 import { replyFor, type Dispatcher } from './dispatch.js';
 import type { Metrics } from './metrics.js';
 import type { Router } from './route.js';
+import { createSignatureCheck } from './signatures.js';
 import { VERSION } from './version.js';
 import type { Sink } from '../sinks/types.js';
 
@@ -78,6 +79,8 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
   const ackSinks = sinks.filter((s) => s.ack);
   let inFlight = 0;
   let seq = 0;
+  const checkSignature = createSignatureCheck(config.signatures, metrics.registry);
+  const ackSinks = sinks.filter((s) => s.ack);
 
   const pid = process.pid.toString(36);
 
@@ -86,6 +89,17 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
     let child: Logger | undefined;
     const log = () =>
       (child ??= logger.child({ req: req(), ack_id: n.ack_id, platform: n.platform, type: n.type, device: shortToken(n.device_id) }));
+    if (!checkSignature) return deliver(n, log);
+    // signatures.publicKey: a push that does not verify is answered FAIL and reaches no sink.
+    return checkSignature(n).then((refused) => {
+      if (refused === undefined) return deliver(n, log);
+      metrics.reply('FAIL');
+      log().warn({ error: refused, ua }, 'refused a push: signature check failed');
+      return { status: 'FAIL', error: refused };
+    });
+  }
+
+  function deliver(n: PushNotification, log: () => Logger): Promise<PushResponse> {
     return dispatcher.deliver(n, router(n), log).then((deliveries) => {
       const answer = replyFor(deliveries);
       metrics.reply(answer.status);
@@ -117,6 +131,8 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
       return { status: 'FAIL', error: parsed.error };
     }
     metrics.ack();
+    // Sinks that forward acks (an upstream proxy) get a copy, fire-and-forget: the reply never waits.
+    for (const s of ackSinks) s.ack!(text, AbortSignal.timeout(config.delivery.deadline)).catch((err) => logger.warn({ sink: s.name, err: (err as Error).message }, 'ack forwarding failed'));
     logger.debug({ ack_id: parsed.value.id, type: parsed.value.type, platform: parsed.value.platform }, 'ack');
     // Sinks that want acks (an upstream proxy counts them) get them in the background: the
     // reply never waits for them, and each is bounded by the delivery deadline.
