@@ -2,7 +2,7 @@
 // background until they succeed, fail permanently, exhaust their attempts or outlive their
 // time to live; then they become dead letters with the reason.
 import type { Logger } from 'pino';
-import type { PushNotification } from './contract.js';
+import { fastNotification, parseBody, PushNotificationSchema, rawBody, type PushNotification } from './contract.js';
 import { attempt } from './attempt.js';
 import type { DeadTokens } from './dead-tokens.js';
 import type { Metrics } from './metrics.js';
@@ -48,6 +48,9 @@ export function backoff(attempts: number, p: Pick<OutboxPolicy, 'retryMinMs' | '
   return Math.max(retryAfterMs, Math.round(d / 2 + (Math.random() * d) / 2));
 }
 
+/** What the outbox keeps of a notification: the bytes Mattermost posted when we have them. */
+const stored = (n: PushNotification) => rawBody(n) ?? JSON.stringify(n);
+
 export function createOutbox(opts: OutboxOptions): Outbox {
   const { store, sinks, metrics, logger } = opts;
   const batch = opts.batch ?? 1000;
@@ -64,14 +67,28 @@ export function createOutbox(opts: OutboxOptions): Outbox {
     const sink = sinks.get(row.sink) as Sink;
     const p = opts.policy(row.sink);
     const now = Date.now();
-    let n: PushNotification;
-    try {
-      n = JSON.parse(row.payload) as PushNotification;
-    } catch {
-      await store.bury(row, 'stored payload is not valid JSON', now);
+    // Parsed as Mattermost's body was, so a sink that forwards the bytes (upstream) gets them.
+    const parsed = parseBody(PushNotificationSchema, row.payload, fastNotification);
+    if (!parsed.ok) {
+      await store.bury(row, `stored payload is not a valid notification: ${parsed.error}`, now);
       return 'dead';
     }
-    const outcome = await attempt(sink, n, p.deadlineMs);
+    const n = parsed.value;
+    // A retry that passes its deadline may still succeed (an MQTT publish that was already on
+    // the wire, say). Then the row, rescheduled meanwhile, is taken back if no worker has
+    // claimed it again; otherwise the notification went out twice, and that is counted.
+    let deliveredLate = false;
+    let rescheduled = false;
+    const takeBack = () =>
+      void store.cancel(row.id, Date.now()).then(
+        (cancelled) => (cancelled ? metrics.drained(row.sink) : metrics.duplicate(row.sink)),
+        () => metrics.duplicate(row.sink),
+      );
+    const outcome = await attempt(sink, n, p.deadlineMs, (late) => {
+      if (late.kind !== 'delivered') return;
+      if (rescheduled) takeBack();
+      else deliveredLate = true;
+    });
     const attempts = row.attempts + 1;
     switch (outcome.kind) {
       case 'delivered':
@@ -93,6 +110,8 @@ export function createOutbox(opts: OutboxOptions): Outbox {
           return 'dead';
         }
         await store.reschedule(row.id, attempts, now + backoff(attempts, p, outcome.retryAfterMs), error);
+        rescheduled = true;
+        if (deliveredLate) takeBack();
         return 'later';
       }
     }
@@ -167,7 +186,7 @@ export function createOutbox(opts: OutboxOptions): Outbox {
         {
           sink,
           ackId: n.ack_id,
-          payload: JSON.stringify(n),
+          payload: stored(n),
           createdAt: now,
           expiresAt: now + p.ttlMs,
           nextAttemptAt: now + (attempted ? backoff(1, p, why.retryAfterMs) : Math.max(why.retryAfterMs ?? 0, 0)),
@@ -182,7 +201,7 @@ export function createOutbox(opts: OutboxOptions): Outbox {
       const now = Date.now();
       const detail = why.detail ?? why.reason;
       await store.bury(
-        { sink, ackId: n.ack_id, payload: JSON.stringify(n), createdAt: now, expiresAt: now + opts.policy(sink).ttlMs, nextAttemptAt: now, attempts: 1, lastError: detail },
+        { sink, ackId: n.ack_id, payload: stored(n), createdAt: now, expiresAt: now + opts.policy(sink).ttlMs, nextAttemptAt: now, attempts: 1, lastError: detail },
         `${why.kind === 'dead-token' ? 'dead token' : 'permanent failure'}: ${detail}`,
         now,
       );

@@ -77,29 +77,29 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
   const guards: Guard[] = [];
   if (config.server.auth) guards.push(basicAuth(config.server.auth, logger));
   const ackSinks = sinks.filter((s) => s.ack);
+  const checkSignature = createSignatureCheck(config.signatures, metrics.registry);
   let inFlight = 0;
   let seq = 0;
-  const checkSignature = createSignatureCheck(config.signatures, metrics.registry);
-  const ackSinks = sinks.filter((s) => s.ack);
 
   const pid = process.pid.toString(36);
 
-  function deliver(n: PushNotification, req: () => string): Promise<PushResponse> {
+  /** A valid notification: its signature (when signatures.publicKey is set), then routes and sinks. */
+  function deliver(n: PushNotification, req: () => string, ua?: string): Promise<PushResponse> {
     metrics.received(n.type);
     let child: Logger | undefined;
     const log = () =>
       (child ??= logger.child({ req: req(), ack_id: n.ack_id, platform: n.platform, type: n.type, device: shortToken(n.device_id) }));
-    if (!checkSignature) return deliver(n, log);
+    if (!checkSignature) return dispatch(n, log);
     // signatures.publicKey: a push that does not verify is answered FAIL and reaches no sink.
     return checkSignature(n).then((refused) => {
-      if (refused === undefined) return deliver(n, log);
+      if (refused === undefined) return dispatch(n, log);
       metrics.reply('FAIL');
       log().warn({ error: refused, ua }, 'refused a push: signature check failed');
       return { status: 'FAIL', error: refused };
     });
   }
 
-  function deliver(n: PushNotification, log: () => Logger): Promise<PushResponse> {
+  function dispatch(n: PushNotification, log: () => Logger): Promise<PushResponse> {
     return dispatcher.deliver(n, router(n), log).then((deliveries) => {
       const answer = replyFor(deliveries);
       metrics.reply(answer.status);
@@ -120,7 +120,7 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
       logger.warn({ req: req(), error: parsed.error, ua }, 'rejected an invalid send_push payload');
       return { status: 'FAIL', error: parsed.error };
     }
-    return deliver(parsed.value, req);
+    return deliver(parsed.value, req, ua);
   }
 
   function ack(text: string): PushResponse {
@@ -131,14 +131,12 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
       return { status: 'FAIL', error: parsed.error };
     }
     metrics.ack();
-    // Sinks that forward acks (an upstream proxy) get a copy, fire-and-forget: the reply never waits.
-    for (const s of ackSinks) s.ack!(text, AbortSignal.timeout(config.delivery.deadline)).catch((err) => logger.warn({ sink: s.name, err: (err as Error).message }, 'ack forwarding failed'));
     logger.debug({ ack_id: parsed.value.id, type: parsed.value.type, platform: parsed.value.platform }, 'ack');
     // Sinks that want acks (an upstream proxy counts them) get them in the background: the
     // reply never waits for them, and each is bounded by the delivery deadline.
     for (const s of ackSinks) {
       void s.ack!(text, AbortSignal.timeout(config.sinks[s.name]?.deadline ?? config.delivery.deadline)).catch((err: unknown) =>
-        logger.debug({ sink: s.name, err: (err as Error).message }, 'ack not forwarded'),
+        logger.warn({ sink: s.name, err: (err as Error).message }, 'ack forwarding failed'),
       );
     }
     return { status: 'OK' };

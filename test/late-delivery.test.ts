@@ -80,4 +80,25 @@ describe('a send that outlives its deadline', () => {
     );
     await close();
   });
+
+  it('is taken back from the outbox when a retry passes its deadline and then succeeds', async () => {
+    // The first send is refused at once (queued); the outbox's retry answers after 300 ms,
+    // past the 50 ms deadline: the row is rescheduled, then the late success takes it back.
+    let sends = 0;
+    const sink: Sink = {
+      ...slowSink([]),
+      send(): Promise<Outcome> {
+        sends++;
+        if (sends === 1) return Promise.resolve({ kind: 'retryable', reason: 'publish_failed' });
+        return sleep(sends === 2 ? 300 : 0).then(() => ({ kind: 'delivered' }) as const);
+      },
+    };
+    const { store, metrics, deliver, close } = await setup(sink, 50);
+    expect((await deliver(push('late-3')))[0]?.result).toMatchObject({ kind: 'queued' });
+    await until('the late retry to take its row back', async () => sends >= 2 && (await store.stats()).depth === 0, { timeoutMs: 3000 });
+    await sleep(900); // past the next retry time: nothing may send it again
+    expect(sends).toBe(2);
+    expect(await metrics.registry.getSingleMetricAsString('push_relay_duplicates_delivered_total')).toMatch(/sink="slow"} 0$/m);
+    await close();
+  });
 });
