@@ -4,9 +4,10 @@ import type { SinkConfigBase } from '../src/schema.js';
 import log from './log.js';
 import mqtt, { defaultMqttSink } from './mqtt.js';
 import type { Sink, SinkContext, SinkModule } from './types.js';
+import webpush from './webpush.js';
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any -- each module's factory takes its own config type
-export const SINK_MODULES: ReadonlyArray<SinkModule<any>> = [mqtt, log];
+export const SINK_MODULES: ReadonlyArray<SinkModule<any>> = [mqtt, log, webpush];
 
 const byType = new Map(SINK_MODULES.map((m) => [m.type, m]));
 
