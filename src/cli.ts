@@ -1,9 +1,10 @@
 #!/usr/bin/env -S node --max-semi-space-size=8
-// The command line: serve, check-config, version, outbox, dead-letters.
+// The command line: serve, check-config, version, outbox, dead-letters, send, vapid, devices.
 //
 // The V8 flag halves the young generation (16 -> 8 MB semi-spaces): ~30 MB less resident
 // memory for a few percent of throughput (bench/README.md). npm start, the Dockerfile and the
 // benchmarks all run this file through its shebang, so the flag lives here only.
+import { devicesCommand, vapidGenerate, type CliTools } from './cli-devices.js';
 import { ConfigError, loadConfig, type Config } from './config.js';
 import { createLogger } from './log.js';
 import { sinkPolicy, startRelay } from './relay.js';
@@ -21,6 +22,15 @@ Usage:
                                        inspect or replay deliveries given up on
   push-relay send [--url URL] [--message TEXT] [--channel NAME] [--type TYPE]
                                        post a test notification the way Mattermost does, print the reply
+  push-relay vapid generate [--subject mailto:ADDR]
+                                       print a VAPID key pair and the webpush sink config lines for it
+  push-relay devices list [--json] [--config FILE]
+                                       the devices this relay issued tokens for (paired browsers)
+  push-relay devices add --webpush FILE [--label TEXT] [--config FILE]
+                                       register a browser's PushSubscription JSON; prints the device id
+                                       to attach in Mattermost as its last line
+  push-relay devices remove TOKEN [--config FILE]
+                                       delete a device (its pushes then answer REMOVE)
   push-relay version                   print the version
 
 With no config file the relay listens on 0.0.0.0:8066 and publishes each notification's text
@@ -215,6 +225,8 @@ async function sendCommand(args: string[]) {
   if (res.status !== 200 || status !== 'OK') process.exit(1);
 }
 
+const cliTools: CliTools = { option, fail, out: (line) => process.stdout.write(`${line}\n`) };
+
 const [command, ...rest] = process.argv.slice(2);
 switch (command) {
   case 'serve':
@@ -230,6 +242,13 @@ switch (command) {
     break;
   case 'send':
     await sendCommand(rest);
+    break;
+  case 'vapid':
+    if (rest[0] !== 'generate') fail(`unknown vapid action "${rest[0] ?? ''}": generate`);
+    vapidGenerate(rest, cliTools);
+    break;
+  case 'devices':
+    await devicesCommand(rest, load(configFile(rest)), cliTools);
     break;
   case 'version':
   case '--version':
