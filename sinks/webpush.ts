@@ -209,6 +209,10 @@ const createWebPushSink: SinkFactory<WebPushSinkConfig> = (name, config, { logge
     const now = Date.now();
     const gone = new Set(attempts.filter((a) => a.kind === 'gone').map((a) => a.sub.endpoint));
     const delivered = attempts.some((a) => a.kind === 'delivered');
+    // A delivered push with nothing gone rewrites the device at most once a minute: a write per
+    // push costs the store, and the registry has no compare-and-set between relay instances,
+    // so each rewrite is a chance to undo a concurrent change made by another instance.
+    if (delivered && !gone.size && device.lastPushAt !== undefined && now - device.lastPushAt < PUSH_STAMP_MS) return { kind: 'delivered' };
     const after = await devices.update(device.token, (d) => {
       const webpush = (d.targets.webpush ?? []).filter((s) => !gone.has(s.endpoint));
       return { ...d, targets: { ...d.targets, webpush }, ...(delivered ? { lastPushAt: now } : { lastFailureAt: now }) };
@@ -252,7 +256,7 @@ const createWebPushSink: SinkFactory<WebPushSinkConfig> = (name, config, { logge
       // `paired: true` sends the official apps' tokens here too): skip, never REMOVE.
       if (!isRelayToken(n.device_id)) return { kind: 'skipped', reason: 'not_paired' };
       const device = await devices.get(n.device_id);
-      // Unpaired or removed: Mattermost should forget this device id (BRIEF: no device -> REMOVE).
+      // Unpaired or removed: REMOVE, so Mattermost stops pushing to this device id (contract §3.2.4).
       if (!device) return { kind: 'dead-token', reason: 'unknown_device', detail: `no paired device ${shortToken(n.device_id)}` };
       const subs = device.targets.webpush ?? [];
       if (!subs.length) {
@@ -260,22 +264,13 @@ const createWebPushSink: SinkFactory<WebPushSinkConfig> = (name, config, { logge
           ? { kind: 'skipped', reason: 'no_subscription' }
           : { kind: 'dead-token', reason: 'no_target_left', detail: `device ${shortToken(n.device_id)} has no target` };
       }
-      const payloadOf = payloadBuilder(n, mattermostUrl);
-      const work = Promise.all(subs.map((s) => sendOne(s, n, payloadOf))).then((attempts) => settle(device, attempts));
       if (signal.aborted) return TIMED_OUT;
-      // The deadline passed: the outbox tries again; what the requests in flight learn (a 410)
-      // still reaches the registry when they end.
-      let onAbort = () => {};
-      const aborted = new Promise<Outcome>((resolve) => {
-        onAbort = () => resolve(TIMED_OUT);
-        signal.addEventListener('abort', onAbort, { once: true });
-      });
-      work.catch((err: unknown) => log.error({ err }, 'Web Push send failed'));
-      try {
-        return await Promise.race([work, aborted]);
-      } finally {
-        signal.removeEventListener('abort', onAbort);
-      }
+      const payloadOf = payloadBuilder(n, mattermostUrl);
+      // No race with `signal` here: src/attempt.ts answers at the deadline and hears this
+      // outcome when it comes (a late success takes the outbox copy back). web-push cannot be
+      // aborted; requestTimeout bounds each request.
+      const attempts = await Promise.all(subs.map((s) => sendOne(s, n, payloadOf)));
+      return settle(device, attempts);
     },
 
     async close() {
@@ -285,6 +280,7 @@ const createWebPushSink: SinkFactory<WebPushSinkConfig> = (name, config, { logge
   };
 };
 
+const PUSH_STAMP_MS = 60_000;
 const TIMED_OUT: Outcome = { kind: 'retryable', reason: 'timeout', detail: 'push service did not answer within the deadline' };
 
 function hasTarget(d: Device): boolean {
@@ -335,7 +331,7 @@ function topicOf(n: PushNotification): { topic?: string } {
   return {};
 }
 
-/** The service worker's payload (BRIEF-BROWSER: the agreed format), for a given byte budget. */
+/** What the service worker of the pairing page (src/page/) reads: one JSON object, fields only when the push has them. */
 export type WebPushPayload = {
   v: 1;
   type: string;

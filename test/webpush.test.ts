@@ -37,7 +37,7 @@ async function registryAt(dataDir: string): Promise<{ store: Store; devices: Dev
   return { store, devices: createDeviceRegistry(store.kv('devices')) };
 }
 
-/** What the service worker must get for a push (BRIEF-BROWSER's payload), spelled out per field. */
+/** What the service worker must get for a push (the format in sinks/webpush.ts), spelled out per field. */
 function expectedPayload(f: Record<string, unknown>): Record<string, unknown> {
   const type = f.type as string;
   const e: Record<string, unknown> = { v: 1, type };
@@ -319,6 +319,16 @@ describe('what the push service answers, in this process over HTTP (allowPrivate
     expect(after.lastFailureAt).toBeGreaterThan(0);
   });
 
+  it('a subscription whose keys cannot be encrypted to: FAIL, permanent, never REMOVE', async () => {
+    const s = service.subscribe();
+    const d = await devices.add({ label: 'broken', targets: { webpush: [{ ...s.json, keys: { p256dh: 'BAAA', auth: s.json.keys.auth } }] } });
+    const r = await pushTo(d.token);
+    expect(r.status).toBe('FAIL');
+    expect(r.error).toMatch(/subscription of 127\.0\.0\.1:\d+ unusable: .*p256dh/);
+    expect(at(s)).toEqual([]);
+    expect((await devices.get(d.token))?.targets.webpush).toHaveLength(1);
+  });
+
   it('answers REMOVE for a relay token the registry does not know, and sends nothing', async () => {
     const before = service.received.length;
     expect(await pushTo('pr1AAAAAAAAAAAAAAAAAAAAAAAA')).toEqual({ status: 'REMOVE' });
@@ -344,6 +354,33 @@ describe('what the push service answers, in this process over HTTP (allowPrivate
     const text = JSON.stringify(logged);
     expect(text).not.toContain(messagePush().message as string);
     for (const l of logged) if (typeof l.device === 'string') expect(l.device.length).toBeLessThan(27);
+  });
+});
+
+describe('a push service slower than the deadline', () => {
+  it('answers OK at the deadline (queued), and the late success is the only push: the outbox copy is taken back', async () => {
+    const service = await startPushService({ vapidPublicKey: VAPID.publicKey });
+    const dataDir = tempDir('push-relay-webpush-');
+    const relay = await startTestRelay({
+      store: 'sqlite',
+      dataDir,
+      delivery: { retryMin: '4s', retryMax: '8s' },
+      sinks: { browser: { type: 'webpush', vapid: VAPID, allowPrivateEndpoints: true, deadline: '300ms' } },
+    });
+    const { store, devices } = await registryAt(dataDir);
+    const s = service.subscribe();
+    s.plan({ status: 201, delayMs: 1000 });
+    const d = await devices.add({ label: 'slow', targets: { webpush: [s.json] } });
+    const started = Date.now();
+    expect(await send(relay.url, messagePush({ device_id: d.token }))).toEqual({ status: 'OK' });
+    expect(Date.now() - started).toBeLessThan(900);
+    // The outbox's first retry is 2 s or more away; the late 201 comes after 1 s.
+    await sleep(2500);
+    expect(service.received.filter((p) => p.subscription === s.id)).toHaveLength(1);
+    expect(await store.stats()).toMatchObject({ depth: 0, deadLetters: 0 });
+    expect(service.problems).toEqual([]);
+    await relay.stop();
+    await store.close();
   });
 });
 

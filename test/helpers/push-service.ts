@@ -18,7 +18,7 @@ import { afterAll } from 'vitest';
 import type { WebPushSubscription } from '../../src/devices.js';
 import { until } from './wait.js';
 
-export type Answer = { status: number; headers?: Record<string, string>; body?: string };
+export type Answer = { status: number; headers?: Record<string, string>; body?: string; delayMs?: number };
 
 export type ReceivedPush = {
   subscription: string;
@@ -64,8 +64,12 @@ export async function startPushService(opts: { vapidPublicKey: string; tls?: { k
       const id = /^\/push\/([^/?]+)/.exec(req.url ?? '')?.[1] ?? '';
       const sub = subs.get(id);
       const answer = (a: Answer) => {
-        res.writeHead(a.status, a.headers ?? {});
-        res.end(a.body ?? '');
+        const reply = () => {
+          res.writeHead(a.status, a.headers ?? {});
+          res.end(a.body ?? '');
+        };
+        if (a.delayMs) setTimeout(reply, a.delayMs).unref();
+        else reply();
       };
       if (req.method !== 'POST' || !sub) {
         problems.push(`${req.method} ${req.url}: no such subscription`);
