@@ -15,7 +15,8 @@ import { createDeviceRegistry, type Device, type DeviceRegistry, type NewDevice 
 import { openStore, type Store } from '../src/store/index.js';
 import { MAX_ENCRYPTED, MAX_PLAINTEXT, RECORD_OVERHEAD, parseRetryAfter, payloadBuilder } from '../sinks/webpush.js';
 import type { PushNotification } from '../src/contract.js';
-import { post } from './helpers/http.js';
+import { get, post } from './helpers/http.js';
+import { freePort } from './helpers/ports.js';
 import { loadPayloads, messagePush, type SamplePayload } from './helpers/payloads.js';
 import { startPushService, type PushService, type ReceivedPush, type TestSubscription } from './helpers/push-service.js';
 import { spawnRelay, startTestRelay, type RelayProcess } from './helpers/relay.js';
@@ -348,6 +349,26 @@ describe('what the push service answers, in this process over HTTP (allowPrivate
     );
     expect(service.received.length).toBe(before);
     expect(logged.filter((l) => l.sink === 'others' && l.ack_id === ours)).toEqual([]);
+  });
+
+  it('an unreachable push service: retryable, the push waits in the outbox', async () => {
+    const closed = `http://127.0.0.1:${await freePort()}`;
+    const s = service.subscribe({ path: closed });
+    const d = await devices.add({ label: 'offline', targets: { webpush: [s.json] } });
+    expect(await pushTo(d.token)).toEqual({ status: 'OK' });
+    const pending = await store.list(100);
+    const mine = pending.find((r) => (JSON.parse(r.payload) as { device_id: string }).device_id === d.token);
+    expect(mine?.lastError).toMatch(/push service 127\.0\.0\.1:\d+ unreachable: ECONNREFUSED/);
+    // Removed meanwhile: the next retry learns the device is gone and stops (dead letter).
+    await devices.remove(d.token);
+  });
+
+  it('counts deleted subscriptions per sink, and offers the pairing page its VAPID public key', async () => {
+    const metrics = await get(`${relay.url}/metrics`);
+    const m = /push_relay_webpush_subscriptions_removed_total\{sink="browser"\} (\d+)/.exec(metrics.text);
+    expect(Number(m?.[1])).toBeGreaterThanOrEqual(4);
+    expect(relay.sinks.get('browser')?.vapidPublicKey).toBe(VAPID.publicKey);
+    expect(relay.sinks.get('browser')?.perDevice).toBe(true);
   });
 
   it('logs neither the message text nor whole tokens at info', () => {
