@@ -279,6 +279,27 @@ describe('push-relay vapid generate, devices list|add|remove', () => {
     await relay.stop();
   });
 
+  it('devices list never shows a session token, and remove says the Mattermost session stays logged in', async () => {
+    const dir = tempDir('push-relay-cli-secret-');
+    const cfg = writeConfig({ dataDir: dir, sinks: { l: { type: 'log' } } });
+    const store = (await openStore('sqlite', dir, false)) as Store;
+    const d = await createDeviceRegistry(store.kv('devices')).add({
+      label: 'paired on the page',
+      targets: { webpush: [subscription(9)] },
+      account: { userId: 'u1', username: 'alice' },
+      session: { token: 'mm-session-secret-123', createdAt: Date.now() },
+    });
+    await store.close();
+    const text = (await runCli(['devices', 'list', '--config', cfg])).stdout;
+    const json = (await runCli(['devices', 'list', '--json', '--config', cfg])).stdout;
+    expect(text).toContain('account @alice');
+    expect(JSON.parse(json)[0]).toMatchObject({ token: d.token, account: { username: 'alice' }, session: {} });
+    for (const out of [text, json]) expect(out).not.toContain('mm-session-secret-123');
+    const removed = await runCli(['devices', 'remove', d.token, '--config', cfg]);
+    expect(removed.stdout).toContain('its Mattermost session stays logged in');
+    expect(removed.stdout).not.toContain('mm-session-secret-123');
+  });
+
   it('devices remove refuses what is not a relay token', async () => {
     const r = await runCli(['devices', 'remove', 'f69tFnb0tLBqBYszRNBZNQ:APA91bo', '--config', configFile]);
     expect(r.code).toBe(2);
