@@ -5,7 +5,6 @@
 // so a relay running on the same SQLite file (WAL) or PostgreSQL database sees a device the
 // moment it is added: the registry is read from the store on every push.
 import { readFileSync } from 'node:fs';
-import webPush from 'web-push';
 import { z } from 'zod';
 import type { Config } from './config.js';
 import { createDeviceRegistry, isRelayToken, mattermostDeviceId, type Device } from './devices.js';
@@ -18,8 +17,10 @@ export type CliTools = {
 };
 
 /** Prints a new VAPID key pair (RFC 8292 §3.2: P-256, base64url) and the config lines for it. */
-export function vapidGenerate(args: string[], { option, out }: CliTools): void {
+export async function vapidGenerate(args: string[], { option, out }: CliTools): Promise<void> {
   const subject = option(args, '--subject') ?? 'mailto:admin@example.com';
+  // Loaded here only: `serve` need not carry web-push unless a webpush sink starts.
+  const { default: webPush } = await import('web-push');
   const { publicKey, privateKey } = webPush.generateVAPIDKeys();
   out('A VAPID key pair for a webpush sink. Keep the private key secret; browsers subscribe with the');
   out('public key, so changing it later means every browser pairs again.');

@@ -245,7 +245,7 @@ switch (command) {
     break;
   case 'vapid':
     if (rest[0] !== 'generate') fail(`unknown vapid action "${rest[0] ?? ''}": generate`);
-    vapidGenerate(rest, cliTools);
+    await vapidGenerate(rest, cliTools);
     break;
   case 'devices':
     await devicesCommand(rest, load(configFile(rest)), cliTools);
