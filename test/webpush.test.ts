@@ -143,6 +143,8 @@ describe.skipIf(!haveOpenssl())('Web Push over HTTPS, relay process -> web-push 
   it('saw a VAPID JWT that expires within 24 h on every push', () => {
     expect(service.received.length).toBeGreaterThanOrEqual(14);
     for (const p of service.received) expect(p.jwt?.header).toMatchObject({ alg: 'ES256', typ: 'JWT' });
+    // One JWT per push-service origin, reused: not signed again for every push.
+    expect(new Set(service.received.map((p) => p.headers.authorization)).size).toBe(1);
     expect(service.problems).toEqual([]);
   });
 });
