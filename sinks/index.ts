@@ -5,9 +5,10 @@ import log from './log.js';
 import mqtt, { defaultMqttSink } from './mqtt.js';
 import type { Sink, SinkContext, SinkModule } from './types.js';
 import upstream from './upstream.js';
+import webpush from './webpush.js';
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any -- each module's factory takes its own config type
-export const SINK_MODULES: ReadonlyArray<SinkModule<any>> = [mqtt, log, upstream];
+export const SINK_MODULES: ReadonlyArray<SinkModule<any>> = [mqtt, log, upstream, webpush];
 
 const byType = new Map(SINK_MODULES.map((m) => [m.type, m]));
 

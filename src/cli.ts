@@ -1,10 +1,11 @@
 #!/usr/bin/env -S node --max-semi-space-size=8
-// The command line: serve, check-config, version, outbox, dead-letters.
+// The command line: serve, check-config, version, outbox, dead-letters, send, vapid, devices.
 //
 // The V8 flag halves the young generation (16 -> 8 MB semi-spaces): ~30 MB less resident
 // memory for a few percent of throughput (bench/README.md). npm start, the Dockerfile and the
 // benchmarks all run this file through its shebang, so the flag lives here only.
 import { readFileSync } from 'node:fs';
+import { devicesCommand, vapidGenerate, type CliTools } from './cli-devices.js';
 import { ConfigError, loadConfig, type Config } from './config.js';
 import { translateProxyConfig } from './import-proxy-config.js';
 import { createLogger } from './log.js';
@@ -25,6 +26,15 @@ Usage:
                                        post a test notification the way Mattermost does, print the reply
   push-relay import-proxy-config FILE  print the push-relay YAML for a mattermost-push-proxy config JSON
                                        (exit 2, naming each one, when something cannot be translated)
+  push-relay vapid generate [--subject mailto:ADDR]
+                                       print a VAPID key pair and the webpush sink config lines for it
+  push-relay devices list [--json] [--config FILE]
+                                       the devices this relay issued tokens for (paired browsers)
+  push-relay devices add --webpush FILE [--label TEXT] [--config FILE]
+                                       register a browser's PushSubscription JSON; prints the device id
+                                       to attach in Mattermost as its last line
+  push-relay devices remove TOKEN [--config FILE]
+                                       delete a device (its pushes then answer REMOVE)
   push-relay version                   print the version
 
 With no config file the relay listens on 0.0.0.0:8066 and publishes each notification's text
@@ -236,6 +246,8 @@ async function sendCommand(args: string[]) {
   if (res.status !== 200 || status !== 'OK') process.exit(1);
 }
 
+const cliTools: CliTools = { option, fail, out: (line) => process.stdout.write(`${line}\n`) };
+
 const [command, ...rest] = process.argv.slice(2);
 switch (command) {
   case 'serve':
@@ -254,6 +266,13 @@ switch (command) {
     break;
   case 'import-proxy-config':
     importProxyConfig(rest);
+    break;
+  case 'vapid':
+    if (rest[0] !== 'generate') fail(`unknown vapid action "${rest[0] ?? ''}": generate`);
+    await vapidGenerate(rest, cliTools);
+    break;
+  case 'devices':
+    await devicesCommand(rest, load(configFile(rest)), cliTools);
     break;
   case 'version':
   case '--version':
