@@ -5,9 +5,10 @@ import email from './email.js';
 import log from './log.js';
 import mqtt, { defaultMqttSink } from './mqtt.js';
 import type { Sink, SinkContext, SinkModule } from './types.js';
+import webhook from './webhook.js';
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any -- each module's factory takes its own config type
-export const SINK_MODULES: ReadonlyArray<SinkModule<any>> = [mqtt, log, email];
+export const SINK_MODULES: ReadonlyArray<SinkModule<any>> = [mqtt, log, email, webhook];
 
 const byType = new Map(SINK_MODULES.map((m) => [m.type, m]));
 
