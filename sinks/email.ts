@@ -7,7 +7,7 @@ import { readFileSync } from 'node:fs';
 import { randomUUID } from 'node:crypto';
 import nodemailer from 'nodemailer';
 import { z } from 'zod';
-import { hasText, type PushNotification } from '../src/contract.js';
+import { hasText, shortToken, type PushNotification } from '../src/contract.js';
 import { isRelayToken } from '../src/devices.js';
 import { createRateLimiter, type RateLimiter } from '../src/rate-limit.js';
 import { duration, flag, int, sinkSchema, template, url } from '../src/schema.js';
@@ -206,7 +206,7 @@ const createEmailSink: SinkFactory<EmailSinkConfig> = (name, config, ctx) => {
       const device = await devices.get(n.device_id);
       const own = device?.targets.email;
       if (own && ADDRESS.test(own)) list.push(own);
-      else if (own) log.warn({ device: device?.token.slice(0, 8) }, 'device has an email target that is not a plain address; not mailed');
+      else if (own) log.warn({ device: shortToken(n.device_id) }, 'device has an email target that is not a plain address; not mailed');
     }
     const seen = new Set<string>();
     return list.filter((a) => {
