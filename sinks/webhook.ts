@@ -188,6 +188,7 @@ const createWebhookSink: SinkFactory<WebhookSinkConfig> = (name, config, ctx) =>
     const segments = u.pathname.split('/');
     const topic = decodeURIComponent(segments.pop() ?? '');
     const root = new URL(`${segments.join('/')}/`, u);
+    root.search = u.search; // ntfy also takes ?auth=<base64> (docs.ntfy.sh/publish, "Query param")
     const click = link(n);
     const message = {
       topic,

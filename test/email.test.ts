@@ -14,7 +14,7 @@ import { testCertificate } from './helpers/certs.js';
 import { post } from './helpers/http.js';
 import { messagePush, payload } from './helpers/payloads.js';
 import { freePort } from './helpers/ports.js';
-import { startTestRelay } from './helpers/relay.js';
+import { spawnRelay, startTestRelay } from './helpers/relay.js';
 import { startSmtpServer, type SmtpServer } from './helpers/smtp.js';
 import { tempDir } from './helpers/tmp.js';
 import { sleep } from './helpers/wait.js';
@@ -148,6 +148,18 @@ describe('digest', () => {
     await sleep(200);
     expect(mails).toHaveLength(5);
     expect(mails.map((m) => m.parsed.text?.trim().split('\n')[0]).sort()).toEqual([1, 2, 3, 4, 5].map((i) => `single ${i}`));
+  });
+
+  it('sends a digest the server refused for now (451) on a later try, once', async () => {
+    const smtp = await startSmtpServer({ rcpt: (_a, attempt) => (attempt === 1 ? { code: 451, message: '4.7.1 Greylisted' } : undefined) });
+    const relay = await relayFor(smtp, { digest: '200ms' });
+    for (let i = 1; i <= 2; i++) await push(relay.url, fresh({ message: `held ${i}` }));
+    const [m] = await smtp.waitForMails(1, 5000);
+    expect(smtp.rcptAttempts).toHaveLength(2);
+    expect(m!.parsed.text).toContain('held 1');
+    expect(m!.parsed.text).toContain('held 2');
+    await sleep(400);
+    expect(smtp.mails).toHaveLength(1);
   });
 
   it('keeps pending entries in the store across a restart and sends them after it', async () => {
@@ -308,6 +320,25 @@ describe('STARTTLS and authentication', () => {
     const [m] = await smtp.waitForMails(1);
     expect(m!.secure).toBe(true);
     expect(m!.user).toBe('relay');
+  });
+
+  it('trusts the server through NODE_EXTRA_CA_CERTS in a relay started as a user runs it', async (ctx) => {
+    const cert = testCertificate();
+    if (!cert) return ctx.skip();
+    const smtp = await startSmtpServer({ tls: cert, auth: { user: 'relay', pass: 'pw' } });
+    const relay = await spawnRelay({
+      config: {
+        store: 'none',
+        sinks: { mail: { type: 'email', smtp: `smtp://relay:\${SMTP_PASSWORD}@localhost:${smtp.port}`, from: FROM, to: 'ops@example.com', requireTLS: true } },
+      },
+      env: { NODE_EXTRA_CA_CERTS: cert.certFile, SMTP_PASSWORD: 'pw' },
+    });
+    expect(await push(relay.url, fresh())).toEqual({ status: 'OK' });
+    const [m] = await smtp.waitForMails(1);
+    expect(m!.secure).toBe(true);
+    // The password never reaches the log.
+    await relay.stop();
+    expect(relay.lines.join('\n')).not.toContain(':pw@');
   });
 
   it('speaks TLS from the start for smtps://', async (ctx) => {

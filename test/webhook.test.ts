@@ -77,9 +77,11 @@ describe('ntfy preset', () => {
 
   it('sends the token setting as Bearer, renders the URL template URL-encoded, and gives a ringing call top priority', async () => {
     const ntfy = await startNtfyServer({ token: 'tk_t' });
-    const relay = await relayWith({ preset: 'ntfy', url: `${ntfy.url}/mm-{channel_id}`, token: 'tk_t' });
+    const relay = await relayWith({ preset: 'ntfy', url: `${ntfy.url}/mm-{channel_id}?cache=no`, token: 'tk_t' });
     await push(relay.url, { ...payload('12').json, ack_id: 'call-1' });
     const call = payload('12').json as Record<string, string>;
+    // The JSON goes to the root; the topic URL's query (ntfy's ?auth=, ?cache=) goes along.
+    expect(ntfy.requests[0]!.url).toBe('/?cache=no');
     expect(ntfy.messages[0]).toMatchObject({ topic: `mm-${call.channel_id}`, priority: 5, tags: ['telephone_receiver'], auth: 'Bearer tk_t' });
   });
 
