@@ -7,8 +7,9 @@ import { createDeviceRegistry } from '../src/devices.js';
 import { createRegistry, sinkMetrics } from '../src/metrics.js';
 import { memoryKv } from '../src/store/index.js';
 import { openSqliteStore } from '../src/store/sqlite.js';
-import webhookSink from '../sinks/webhook.js';
+import webhookSink, { networkOutcome } from '../sinks/webhook.js';
 import type { Outcome } from '../sinks/types.js';
+import { testCertificate } from './helpers/certs.js';
 import { post } from './helpers/http.js';
 import { messagePush, payload } from './helpers/payloads.js';
 import { freePort } from './helpers/ports.js';
@@ -209,6 +210,28 @@ describe('HTTP outcomes', () => {
       expect(hook.requests.map((r) => r.url)).toEqual(['/x']);
     });
   }
+
+  it('a status outside the classes is retryable: unexpected_status', async () => {
+    const hook = await startWebhookServer(() => ({ status: 600 }));
+    expect(await outcomeOf({ url: hook.url })).toMatchObject({ kind: 'retryable', reason: 'unexpected_status' });
+  });
+
+  it('a certificate the sink does not trust is a retryable TLS failure; tls.ca makes it trusted', async (ctx) => {
+    const cert = testCertificate();
+    if (!cert) return ctx.skip();
+    const hook = await startWebhookServer(undefined, cert);
+    expect(await outcomeOf({ url: `${hook.url}/x` })).toMatchObject({ kind: 'retryable', reason: 'tls_failed' });
+    expect(hook.requests).toHaveLength(0);
+    expect(await outcomeOf({ url: `${hook.url}/x`, tls: { ca: cert.certFile } })).toEqual({ kind: 'delivered' });
+    expect(hook.requests).toHaveLength(1);
+  });
+
+  it('a private address found when connecting (DNS rebinding, refused by guardedLookup) is permanent', () => {
+    // checkEndpoint has passed by then, so no local peer can produce it: the row is checked on
+    // the error guardedLookup raises (test/egress.test.ts shows it raising it).
+    const err = Object.assign(new Error('evil.example resolves to a private address (127.0.0.1); refused'), { code: 'EPRIVATEADDRESS' });
+    expect(networkOutcome(err)).toMatchObject({ kind: 'permanent', reason: 'private_address' });
+  });
 
   it('no answer within the timeout is retryable', async () => {
     const hook = await startWebhookServer(() => ({ status: 200, delayMs: 2000 }));

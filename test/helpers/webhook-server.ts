@@ -8,7 +8,8 @@
 //   /docs/msgextras: the application token as X-Gotify-Key, ?token= or Bearer; JSON title,
 //   message (required), priority, extras) and answers like gotify.
 // Each keeps what it accepted: what the phone would show.
-import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
+import { createServer, type IncomingHttpHeaders, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { afterAll } from 'vitest';
 import { until } from './wait.js';
@@ -28,10 +29,10 @@ export type Peer<M = never> = {
 
 const servers = new Set<Server>();
 
-async function serve<M>(handle: (r: Recorded, index: number, messages: M[]) => Answer | Promise<Answer>): Promise<Peer<M>> {
+async function serve<M>(handle: (r: Recorded, index: number, messages: M[]) => Answer | Promise<Answer>, tls?: { key: Buffer; cert: Buffer }): Promise<Peer<M>> {
   const requests: Recorded[] = [];
   const messages: M[] = [];
-  const server = createServer((req, res) => {
+  const listener = (req: IncomingMessage, res: ServerResponse) => {
     const chunks: Buffer[] = [];
     req.on('data', (c: Buffer) => chunks.push(c));
     req.on('end', async () => {
@@ -43,12 +44,13 @@ async function serve<M>(handle: (r: Recorded, index: number, messages: M[]) => A
       res.writeHead(a.status, { 'Content-Type': 'application/json', ...a.headers });
       res.end(a.body ?? '');
     });
-  });
+  };
+  const server: Server = tls ? createHttpsServer(tls, listener) : createServer(listener);
   servers.add(server);
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   const port = (server.address() as AddressInfo).port;
   return {
-    url: `http://127.0.0.1:${port}`,
+    url: `${tls ? 'https' : 'http'}://127.0.0.1:${port}`,
     port,
     requests,
     messages,
@@ -65,9 +67,12 @@ async function serve<M>(handle: (r: Recorded, index: number, messages: M[]) => A
   };
 }
 
-/** Any endpoint: `answer` decides each reply (default 200 `{}`). */
-export function startWebhookServer(answer: (r: Recorded, index: number) => Answer | Promise<Answer> = () => ({ status: 200, body: '{}' })): Promise<Peer> {
-  return serve((r, i) => answer(r, i));
+/** Any endpoint: `answer` decides each reply (default 200 `{}`); HTTPS with `tls`. */
+export function startWebhookServer(
+  answer: (r: Recorded, index: number) => Answer | Promise<Answer> = () => ({ status: 200, body: '{}' }),
+  tls?: { key: Buffer; cert: Buffer },
+): Promise<Peer> {
+  return serve((r, i) => answer(r, i), tls);
 }
 
 export type NtfyMessage = { topic: string; title?: string; message: string; priority?: number; tags?: string[]; click?: string; auth?: string };
