@@ -274,7 +274,11 @@ const createEmailSink: SinkFactory<EmailSinkConfig> = (name, config, ctx) => {
     if (closed || timers.has(rcpt)) return;
     const t = setTimeout(() => {
       timers.delete(rcpt);
-      const run = flush(rcpt).finally(() => flushing.delete(rcpt));
+      // One flush per recipient at a time: two would list the same entries and mail them twice.
+      const run: Promise<void> = (flushing.get(rcpt) ?? Promise.resolve())
+        .then(() => flush(rcpt))
+        .catch((err: unknown) => log.error({ err: (err as Error).message }, 'digest flush failed'))
+        .finally(() => flushing.get(rcpt) === run && flushing.delete(rcpt));
       flushing.set(rcpt, run);
     }, Math.max(0, inMs));
     t.unref();
