@@ -3,14 +3,16 @@
 import type { AddressInfo } from 'node:net';
 import type { Logger } from 'pino';
 import type { Config } from './config.js';
-import { createDispatcher } from './dispatch.js';
+import { PushNotificationSchema, shortToken, type PushResponse } from './contract.js';
+import { createDispatcher, replyFor, type Dispatcher } from './dispatch.js';
 import { createLogger } from './log.js';
 import { createDeadTokens } from './dead-tokens.js';
 import { createDedup } from './dedup.js';
 import { createDeviceRegistry } from './devices.js';
 import { createMetrics, createRegistry, sinkMetrics } from './metrics.js';
 import { createOutbox, type Outbox } from './outbox.js';
-import { createRouter } from './route.js';
+import { pairingRoutes } from './pairing.js';
+import { createRouter, type Router } from './route.js';
 import { memoryKv, openStore, type Store } from './store/index.js';
 import { createHttpServer, type HttpServer } from './http.js';
 import { createApp, type App } from './server.js';
@@ -80,7 +82,15 @@ async function assemble(config: Config, logger: Logger, store: Store | undefined
   const policy = (name: string) => policies.get(name) ?? sinkPolicy(config, name);
   const outbox: Outbox | undefined = store ? createOutbox({ store, sinks, policy, metrics, logger, deadTokens }) : undefined;
   const dispatcher = createDispatcher({ policy, dedup, deadTokens, metrics, outbox });
-  const app = createApp({ config, sinks: sinkList, router: createRouter(config.routes, sinks), dispatcher, metrics, logger });
+  const router = createRouter(config.routes, sinks);
+  const pairing = pairingRoutes({
+    config,
+    devices,
+    logger,
+    vapidPublicKey: sinkList.find((s) => s.vapidPublicKey)?.vapidPublicKey,
+    deliverTest: (token) => deliverTestPush(token, router, dispatcher, logger),
+  });
+  const app = createApp({ config, sinks: sinkList, router, dispatcher, metrics, logger, pairing });
 
   const { http, port } = await listen(app, config);
   // Started once listening: a relay that cannot listen then has no worker to stop.
@@ -95,6 +105,7 @@ async function assemble(config: Config, logger: Logger, store: Store | undefined
   let stopping: Promise<void> | undefined;
   async function stop() {
     const deadline = Date.now() + config.server.shutdownTimeout;
+    pairing.stop();
     http.server.close();
     http.closeIdleConnections();
     // Answer every request already accepted: their deliveries are bounded by the sink deadline.
@@ -132,6 +143,23 @@ function listen(app: App, config: Config): Promise<{ http: HttpServer; port: num
     http.server.once('error', (err) => reject(new Error(`cannot listen on ${host}:${port}: ${err.message}`)));
     http.server.listen(port, host, () => resolve({ http, port: (http.server.address() as AddressInfo).port }));
   });
+}
+
+/**
+ * The pairing page's "send me a test notification": a `test` push for the device, as Mattermost
+ * sends one (contract §2.2: type test, empty ack_id, so never deduplicated), through the same
+ * routes and dispatcher as a send_push.
+ */
+function deliverTestPush(token: string, router: Router, dispatcher: Dispatcher, logger: Logger): Promise<PushResponse> {
+  const n = PushNotificationSchema.parse({
+    platform: 'android_rn',
+    server_id: 'push-relay',
+    device_id: token,
+    type: 'test',
+    message: 'Test notification from push-relay: this browser is paired.',
+    ack_id: '',
+  });
+  return dispatcher.deliver(n, router(n), () => logger.child({ req: 'pairing-test', type: 'test', device: shortToken(token) })).then(replyFor);
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

@@ -32,6 +32,8 @@ export type AppDeps = {
   dispatcher: Dispatcher;
   metrics: Metrics;
   logger: Logger;
+  /** The pairing page and its API (src/pairing.ts), mounted at `/`. */
+  pairing?: Hono<any>; // eslint-disable-line @typescript-eslint/no-explicit-any -- its own Bindings
 };
 
 type Endpoint = 'send_push' | 'ack';
@@ -46,7 +48,7 @@ export type App = Hono & {
   listener: RequestListener;
 };
 
-export function createApp({ config, sinks, router, dispatcher, metrics, logger }: AppDeps): App {
+export function createApp({ config, sinks, router, dispatcher, metrics, logger, pairing }: AppDeps): App {
   const base = config.server.basePath;
   const limit = config.server.bodyLimit;
   const paths = new Map<string, Endpoint>([
@@ -177,7 +179,7 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
     });
     app.all(path, (c) => c.text('method not allowed: use POST', 405, { Allow: 'POST' }));
   }
-  app.get('/', (c) => c.html('<html><body>push-relay: a Mattermost push notification relay</body></html>'));
+  if (pairing) app.route('/', pairing); else app.get('/', (c) => c.html('<html><body>push-relay: a Mattermost push notification relay</body></html>'));
   app.get('/version', (c) => c.json(VERSION));
   app.get('/healthz', (c) => c.json({ status: 'ok' }));
   app.get('/readyz', (c) => {
