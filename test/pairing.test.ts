@@ -3,20 +3,17 @@
 // relay's real HTTP server: what the page is told, what Mattermost receives, and what the relay
 // keeps (its SQLite files, its trace-level log).
 import { randomBytes } from 'node:crypto';
-import { createServer, request as httpRequest, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import { request as httpRequest } from 'node:http';
 import { networkInterfaces } from 'node:os';
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
-import { getRequestListener } from '@hono/node-server';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { parseConfig } from '../src/config.js';
 import { shortToken } from '../src/contract.js';
 import { createDeviceRegistry, mattermostDeviceId, type DeviceRegistry } from '../src/devices.js';
 import { createLogger } from '../src/log.js';
-import { pairingRoutes, type Pairing } from '../src/pairing.js';
 import { memoryKv, openStore, type Store } from '../src/store/index.js';
+import { servePairing } from './helpers/browser.js';
 import { get, post, type Reply } from './helpers/http.js';
 import { startMattermostFake, type MattermostFake } from './helpers/mattermost-fake.js';
 import { freePort } from './helpers/ports.js';
@@ -442,28 +439,3 @@ describe('keep-alive', () => {
     expect(mm.calls('/api/v4/users/logout')).toHaveLength(logouts);
   });
 });
-
-// ---- helpers ----
-
-const servers = new Set<{ server: Server; pairing: Pairing }>();
-afterAll(async () => {
-  for (const s of servers) {
-    s.pairing.stop();
-    s.server.closeAllConnections();
-    await new Promise((r) => s.server.close(r));
-  }
-});
-
-/** pairingRoutes alone on a real socket (127.0.0.1), for what the relay object does not expose (keep-alive). */
-async function servePairing(raw: Record<string, unknown>, devices: DeviceRegistry) {
-  const pairing = pairingRoutes({
-    config: parseConfig({ sinks: { log: { type: 'log' } }, ...raw }),
-    devices,
-    logger: createLogger({ level: 'silent', format: 'json' }),
-    deliverTest: async () => ({ status: 'OK' }),
-  });
-  const server = createServer(getRequestListener(pairing.fetch));
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  servers.add({ server, pairing });
-  return { base: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, pairing };
-}

@@ -26,25 +26,37 @@ self.addEventListener('notificationclick', (event) => {
 });
 
 /**
- * The browser tests reach the handlers through messages, since a browser offers no way to
- * click a notification from a test: {type: 'push-relay:test-click', tag} runs the click
- * handler's own code on the shown notification with that tag.
+ * For the browser tests, since nothing can click a notification in a test browser and Chromium
+ * allows clients.openWindow() and WindowClient.focus() only inside a real notificationclick:
+ * {type: 'push-relay:test-click', tag} runs the click handler's own code (clickTarget,
+ * openOrFocus) on the shown notification with that tag, with the window API replaced by a
+ * recorder (the windows it sees are the real ones; opening and focusing are only recorded).
+ * Only this origin's pages can message the worker, and nothing is opened.
  */
 self.addEventListener('message', (event) => {
   const msg = event.data || {};
   if (msg.type !== 'push-relay:test-click') return;
   const port = event.ports && event.ports[0];
+  const reply = (answer) => port && port.postMessage(answer);
   event.waitUntil(
     self.registration.getNotifications(msg.tag ? { tag: msg.tag } : undefined).then(async (shown) => {
       const n = shown[0];
-      if (!n) return port && port.postMessage({ ok: false, error: 'no notification with that tag' });
+      if (!n) return reply({ ok: false, error: 'no notification with that tag' });
       n.close();
+      const calls = [];
+      const recorder = {
+        matchAll: (options) =>
+          self.clients.matchAll(options).then((windows) =>
+            windows.map((w) => ({ url: w.url, focus: async () => void calls.push(['focus', w.url]) })),
+          ),
+        openWindow: async (url) => void calls.push(['openWindow', url]),
+      };
       const target = clickTarget(n.data);
       try {
-        const how = await openOrFocus(target, self.clients);
-        if (port) port.postMessage({ ok: true, target, how });
+        const how = await openOrFocus(target, recorder);
+        reply({ ok: true, target, how, calls });
       } catch (err) {
-        if (port) port.postMessage({ ok: false, target, error: String(err && err.message ? err.message : err) });
+        reply({ ok: false, target, error: String(err && err.message ? err.message : err) });
       }
     }),
   );
