@@ -22,7 +22,8 @@ import { existsSync, readFileSync } from 'node:fs';
 import type { TLSSocket } from 'node:tls';
 import { fileURLToPath } from 'node:url';
 import type { HttpBindings } from '@hono/node-server';
-import { Hono, type Context } from 'hono';
+import { Hono, type Context, type MiddlewareHandler } from 'hono';
+import { bodyLimit } from 'hono/body-limit';
 import type { Logger } from 'pino';
 import { z } from 'zod';
 import type { Config } from './config.js';
@@ -125,7 +126,8 @@ const MFA_REQUIRED_ID = 'mfa.validate_token.authenticate.app_error';
 // ---- request bodies ----
 
 const Subscription = z.object({
-  endpoint: z.string().max(2048).url({ error: 'subscription.endpoint must be a URL' }),
+  // Push services are always https (RFC 8030 §8); the sink checks the address when it posts.
+  endpoint: z.url({ protocol: /^https$/, error: 'subscription.endpoint must be an https URL' }).max(2048),
   expirationTime: z.number().nullable().optional(),
   keys: z.object({ p256dh: z.string().min(1).max(256), auth: z.string().min(1).max(256) }),
 });
@@ -133,8 +135,8 @@ const Label = z.string().trim().max(100).optional();
 const DeviceToken = z.string().refine(isRelayToken, { error: 'device must be a device token this relay issued' });
 
 const LoginBody = z.object({
-  loginId: z.string().trim().min(1, { error: 'Enter your Mattermost login (email or username).' }).max(256),
-  password: z.string().min(1, { error: 'Enter your password.' }).max(1024),
+  loginId: z.string({ error: 'Enter your Mattermost login (email or username).' }).trim().min(1, { error: 'Enter your Mattermost login (email or username).' }).max(256),
+  password: z.string({ error: 'Enter your password.' }).min(1, { error: 'Enter your password.' }).max(1024),
   mfaToken: z.string().trim().max(32).optional(),
   subscription: Subscription,
   label: Label,
@@ -142,7 +144,7 @@ const LoginBody = z.object({
   previous: DeviceToken.optional(),
 });
 const TokenBody = z.object({
-  accessToken: z.string().trim().min(1, { error: 'Enter a personal access token.' }).max(256),
+  accessToken: z.string({ error: 'Enter a personal access token.' }).trim().min(1, { error: 'Enter a personal access token.' }).max(256),
   subscription: Subscription,
   label: Label,
   previous: DeviceToken.optional(),
@@ -164,6 +166,11 @@ const PAGE_FILES: ReadonlyArray<readonly [string, string, string]> = [
   ['/style.css', 'style.css', 'text/css; charset=utf-8'],
   ['/manifest.webmanifest', 'manifest.webmanifest', 'application/manifest+json'],
   ['/icon.svg', 'icon.svg', 'image/svg+xml'],
+  // PNG renderings of icon.svg (test/page.browser.test.ts with UPDATE_SCREENSHOTS=1): iOS takes
+  // only PNG for the Home Screen, and some install prompts want 192 and 512 pixels.
+  ['/apple-touch-icon.png', 'apple-touch-icon.png', 'image/png'],
+  ['/icon-192.png', 'icon-192.png', 'image/png'],
+  ['/icon-512.png', 'icon-512.png', 'image/png'],
 ];
 
 function pageDir(): string {
@@ -221,13 +228,15 @@ export function pairingRoutes(deps: PairingDeps): Pairing {
   const app = new Hono<{ Bindings: HttpBindings }>();
   type C = Context<{ Bindings: HttpBindings }>;
 
-  app.use('*', async (c, next) => {
+  // On our own paths only: `use('*')` would reach every route of the app this one is mounted in.
+  const secured: MiddlewareHandler = async (c, next) => {
     await next();
     for (const [k, v] of Object.entries(SECURITY_HEADERS)) c.header(k, v);
-  });
+  };
+  app.use('/pair/*', secured);
 
   for (const [path, file] of files) {
-    app.get(path, (c) =>
+    app.get(path, secured, (c) =>
       c.body(file.body, 200, {
         'Content-Type': file.type,
         // Small files; a browser always asks again, so a relay upgrade reaches the service worker.
@@ -293,11 +302,12 @@ export function pairingRoutes(deps: PairingDeps): Pairing {
     return undefined;
   }
 
+  const TOO_LARGE: Failure = { status: 413, error: 'too_large', message: 'Request body too large.' };
+  // Counts what is read, chunked bodies too, and stops reading past the limit.
+  const limited = bodyLimit({ maxSize: BODY_LIMIT, onError: (c) => fail(c as C, TOO_LARGE) });
+
   async function readJson<T>(c: C, schema: z.ZodType<T>): Promise<{ ok: true; value: T } | { ok: false; failure: Failure }> {
-    const declared = Number(c.req.header('content-length') ?? NaN);
-    if (declared > BODY_LIMIT) return { ok: false, failure: { status: 413, error: 'too_large', message: 'Request body too large.' } };
     const text = await c.req.text();
-    if (Buffer.byteLength(text) > BODY_LIMIT) return { ok: false, failure: { status: 413, error: 'too_large', message: 'Request body too large.' } };
     let raw: unknown;
     try {
       raw = JSON.parse(text);
@@ -307,7 +317,9 @@ export function pairingRoutes(deps: PairingDeps): Pairing {
     const parsed = schema.safeParse(raw);
     if (!parsed.success) {
       const first = parsed.error.issues[0];
-      const message = first ? `${first.message}${first.path.length && !/^Enter /.test(first.message) ? ` (${first.path.join('.')})` : ''}` : 'invalid request';
+      // Our own messages are sentences for the person; zod's generic ones get the field's name.
+      const generic = first && first.path.length > 0 && /^(Invalid|Too (big|small)|Unrecognized)/.test(first.message);
+      const message = !first ? 'invalid request' : generic ? `${first.path.join('.')}: ${first.message}` : first.message;
       return { ok: false, failure: { status: 400, error: 'invalid_request', message } };
     }
     return { ok: true, value: parsed.data };
@@ -320,17 +332,24 @@ export function pairingRoutes(deps: PairingDeps): Pairing {
       { 'Retry-After': String(seconds) },
     );
 
-  /** Guards, per-address limit for the non-login calls, body; then the handler. */
+  /** Guards, then the per-address limit for the non-sign-in calls, then the body (16 kB at most), then the handler. */
   function post<T>(path: string, schema: z.ZodType<T>, handler: (c: C, body: T, peer: Peer) => Promise<Response>, signIn = false) {
-    app.post(path, async (c) => {
-      const refused = guard(c);
-      if (refused) return fail(c, refused);
-      const peer = peerOf(c);
-      if (!signIn && !perAddressOther.take(peer.address)) return tooMany(c, perAddressOther.retryAfter(peer.address), 'requests');
-      const body = await readJson(c, schema);
-      if (!body.ok) return fail(c, body.failure);
-      return handler(c, body.value, peer);
-    });
+    app.post(
+      path,
+      async (c, next) => {
+        const refused = guard(c);
+        if (refused) return fail(c, refused);
+        const peer = peerOf(c);
+        if (!signIn && !perAddressOther.take(peer.address)) return tooMany(c, perAddressOther.retryAfter(peer.address), 'requests');
+        await next();
+      },
+      limited,
+      async (c) => {
+        const body = await readJson(c, schema);
+        if (!body.ok) return fail(c, body.failure);
+        return handler(c, body.value, peerOf(c));
+      },
+    );
     app.all(path, (c) => c.json({ ok: false, error: 'method', message: 'Use POST with a JSON body.' }, 405, { Allow: 'POST' }));
   }
 
@@ -365,7 +384,11 @@ export function pairingRoutes(deps: PairingDeps): Pairing {
       account: { userId: account.id, username: account.username, ...(account.email ? { email: account.email } : {}) },
       session: { token: sessionToken, createdAt: now, lastRefreshAt: now },
     }));
-    if (!paired) return fail(c, { status: 409, error: 'conflict', message: 'The new device vanished while pairing; try again.' });
+    if (!paired) {
+      // Removed meanwhile (an admin's `devices remove`): do not leave a session behind.
+      if (mattermost) await mattermost.logout(sessionToken);
+      return fail(c, { status: 409, error: 'conflict', message: 'The new device vanished while pairing; try again.' });
+    }
     if (previous && previous !== device.token) await unpair(previous, 'replaced by a new pairing');
     log.info({ device: shortToken(device.token), user: account.id, how }, 'pairing: paired a browser');
     return ok(c, { device: device.token, status: statusOf(paired) });

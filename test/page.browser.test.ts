@@ -18,7 +18,7 @@
 //   worker runs its own click code (clickTarget, openOrFocus) for a shown notification on a test
 //   message (sw.js 'push-relay:test-click') with the window API replaced by a recorder that
 //   sees the real windows; the test then opens what the worker asked for, as the browser would.
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { BrowserContext, CDPSession, Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -262,6 +262,42 @@ describe.skipIf(!chromiumAvailable())('the pairing page in Chromium', () => {
     expect(consoleErrors.length).toBeLessThanOrEqual(3);
   });
 
+  it('text and controls have WCAG AA contrast (4.5:1) in light and dark mode', async () => {
+    const p = await context.newPage();
+    await p.goto(base);
+    await p.waitForSelector('body[data-ready]');
+    for (const scheme of ['light', 'dark'] as const) {
+      await p.emulateMedia({ colorScheme: scheme });
+      const ratios = await p.evaluate(() => {
+        // Show every kind of text the page has, whichever state it is in.
+        for (const id of ['pair', 'paired', 'problem', 'expired', 'ios-install', 'email-field', 'repair-button']) document.getElementById(id)!.hidden = false;
+        document.getElementById('problem')!.textContent = 'A problem';
+        document.getElementById('status')!.textContent = 'A status';
+        const rgb = (c: string) => (c.match(/[\d.]+/g) ?? []).map(Number);
+        const lum = ([r, g, b]: number[]) => {
+          const f = (v: number) => ((v /= 255) <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4);
+          return 0.2126 * f(r!) + 0.7152 * f(g!) + 0.0722 * f(b!);
+        };
+        const background = (el: Element | null): number[] => {
+          for (; el; el = el.parentElement) {
+            const c = rgb(getComputedStyle(el).backgroundColor);
+            if (c.length === 3 || (c[3] ?? 0) > 0) return c.slice(0, 3);
+          }
+          return [255, 255, 255];
+        };
+        const out: Record<string, number> = {};
+        for (const sel of ['h1', 'h2', '#intro', '.hint', 'label', '.optional', 'button', 'button.secondary', 'button.danger', 'summary', '#problem', '#status', 'footer p', '.notice p']) {
+          const el = document.querySelector(sel)!;
+          const [a, b] = [lum(rgb(getComputedStyle(el).color)), lum(background(el))];
+          out[sel] = Math.round(((Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05)) * 100) / 100;
+        }
+        return out;
+      });
+      for (const [sel, ratio] of Object.entries(ratios)) expect(ratio, `${scheme} ${sel}: ${ratio}`).toBeGreaterThanOrEqual(4.5);
+    }
+    await p.close();
+  });
+
   it('screenshots for the README (docs/pairing.png with UPDATE_SCREENSHOTS=1)', async () => {
     // The screenshots name a plausible server instead of the fake's 127.0.0.1:<port>.
     const shots = process.env.UPDATE_SCREENSHOTS === '1' ? join(REPO_ROOT, 'docs') : tempDir('push-relay-shots-');
@@ -278,6 +314,18 @@ describe.skipIf(!chromiumAvailable())('the pairing page in Chromium', () => {
     await p.screenshot({ path: join(shots, 'pairing.png'), fullPage: true });
     await p.emulateMedia({ colorScheme: 'dark' });
     await p.screenshot({ path: join(shots, 'pairing-dark.png'), fullPage: true });
+    // The home-screen icons (iOS takes only PNG), drawn from icon.svg on its own blue.
+    await p.emulateMedia({ colorScheme: 'light' });
+    await p.goto('about:blank'); // out of the page's CSP, which forbids the inline styles below
+    const svg = readFileSync(join(REPO_ROOT, 'src', 'page', 'icon.svg'), 'utf8');
+    const icons = process.env.UPDATE_SCREENSHOTS === '1' ? join(REPO_ROOT, 'src', 'page') : shots;
+    for (const [file, size] of [['apple-touch-icon.png', 180], ['icon-192.png', 192], ['icon-512.png', 512]] as const) {
+      await p.setViewportSize({ width: size, height: size });
+      await p.setContent(
+        `<body style="margin:0;background:#1c58d9">${svg.replace('<svg ', `<svg width="${size}" height="${size}" style="display:block" `)}</body>`,
+      );
+      await p.screenshot({ path: join(icons, file) });
+    }
     await p.close();
   });
 });

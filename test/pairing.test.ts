@@ -250,6 +250,22 @@ describe('pairing with a Mattermost login', () => {
     expect(mm.received.length).toBe(calls);
   });
 
+  it('refuses a body over 16 kB (chunked too) and a subscription that is not https, with what is wrong', async () => {
+    const big = JSON.stringify({ loginId: 'alice', password: 'x'.repeat(20_000), subscription: subscription() });
+    for (const chunked of [false, true]) {
+      const r = await post(`${base}/pair/login`, big, { headers: { 'Content-Type': 'application/json', Origin: base }, chunked });
+      expect(r.status, `chunked: ${chunked}`).toBe(413);
+      expect(answer(r)).toMatchObject({ error: 'too_large' });
+    }
+    const http = await pageCall(base, '/pair/login', { loginId: 'alice', password: 'x', subscription: { ...subscription(), endpoint: 'http://push.example.net/x' } });
+    expect(http.status).toBe(400);
+    expect(answer(http)).toMatchObject({ error: 'invalid_request', message: 'subscription.endpoint must be an https URL' });
+    const missing = await pageCall(base, '/pair/login', { loginId: 'alice', subscription: subscription() });
+    expect(answer(missing)).toMatchObject({ error: 'invalid_request', message: 'Enter your password.' });
+    const noKeys = await pageCall(base, '/pair/login', { loginId: 'alice', password: 'x', subscription: { endpoint: 'https://push.example.net/x' } });
+    expect(answer(noKeys)).toMatchObject({ error: 'invalid_request', message: 'subscription.keys: Invalid input: expected object, received undefined' });
+  });
+
   it('serves the page and its files with a strict Content-Security-Policy and no inline script', async () => {
     const page = await get(`${base}/`);
     expect(page.status).toBe(200);
@@ -270,11 +286,16 @@ describe('pairing with a Mattermost login', () => {
       ['/style.css', 'text/css; charset=utf-8'],
       ['/manifest.webmanifest', 'application/manifest+json'],
       ['/icon.svg', 'image/svg+xml'],
+      ['/apple-touch-icon.png', 'image/png'],
+      ['/icon-192.png', 'image/png'],
+      ['/icon-512.png', 'image/png'],
     ] as const) {
       const r = await get(base + path);
       expect(r.status, path).toBe(200);
       expect(r.headers['content-type'], path).toBe(type);
     }
+    // The headers are the page's own: the relay's other endpoints do not get them.
+    expect((await get(`${base}/healthz`)).headers['content-security-policy']).toBeUndefined();
     const config = (await get(`${base}/pair/config`)).json;
     expect(config).toEqual({ mattermost: { configured: true, host: new URL(mm.url).host, url: mm.url }, vapidPublicKey: null, secure: true });
   });

@@ -89,6 +89,8 @@ async function handlePush(p) {
       });
     default: {
       const options = { body: p.body || '', icon: ICON, data: { url: p.url || null, type: p.type || 'message', post_id: p.post_id || null } };
+      // A call rings until answered or dismissed (Calls plugin: sub_type calls, contract §2.2).
+      if (p.sub_type === 'calls') options.requireInteraction = true;
       if (p.tag) {
         options.tag = p.tag;
         // A channel's new message replaces its last one: say so again rather than silently.
