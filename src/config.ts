@@ -98,7 +98,18 @@ export const ConfigSchema = z
       .default('sqlite'),
     dataDir: z.string().min(1).default('./data'),
     /** The Mattermost server: links to posts (permalinks), and the pairing page logs in to it. */
-    mattermost: z.strictObject({ url: url(['http', 'https']).transform((u) => u.replace(/\/+$/, '')).optional() }).optional(),
+    mattermost: z
+      .strictObject({
+        url: url(['http', 'https']).transform((u) => u.replace(/\/+$/, '')).optional(),
+        /**
+         * How often the pairing page's sessions are touched (GET /api/v4/users/me) so that a
+         * server with ExtendSessionLengthWithActivity keeps them alive; well inside the session
+         * length (Mattermost's mobile default is 180 days; 1% of it, at most a day, must pass
+         * between extensions).
+         */
+        keepAlive: duration.default(12 * 3_600_000),
+      })
+      .optional(),
     /** Pushes must carry the server's ES256 signature (src/signatures.ts, contract §2.4). */
     signatures: SignaturesSchema.optional(),
     sinks: z.record(z.string().regex(/^[A-Za-z0-9_.-]+$/, { message: 'sink names use letters, digits, _ . -' }), SinkSchema),

@@ -4,6 +4,7 @@ import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Logger } from 'pino';
 import type { Config } from './config.js';
+import { PushNotificationSchema, type PushNotification } from './contract.js';
 import { createDispatcher } from './dispatch.js';
 import { createLogger } from './log.js';
 import { createDeadTokens } from './dead-tokens.js';
@@ -11,6 +12,7 @@ import { createDedup } from './dedup.js';
 import { createDeviceRegistry } from './devices.js';
 import { createMetrics, createRegistry, sinkMetrics } from './metrics.js';
 import { createOutbox, type Outbox } from './outbox.js';
+import { pairingRoutes } from './pairing.js';
 import { createRouter } from './route.js';
 import { memoryKv, openStore, type Store } from './store/index.js';
 import { createApp, type App } from './server.js';
@@ -80,7 +82,16 @@ async function assemble(config: Config, logger: Logger, store: Store | undefined
   const policy = (name: string) => policies.get(name) ?? sinkPolicy(config, name);
   const outbox: Outbox | undefined = store ? createOutbox({ store, sinks, policy, metrics, logger, deadTokens }) : undefined;
   const dispatcher = createDispatcher({ policy, dedup, deadTokens, metrics, outbox });
-  const app = createApp({ config, sinks: sinkList, router: createRouter(config.routes, sinks), dispatcher, metrics, logger });
+  const router = createRouter(config.routes, sinks);
+  const pairing = pairingRoutes({
+    config,
+    devices,
+    logger,
+    vapidPublicKey: sinkList.find((s) => s.vapidPublicKey)?.vapidPublicKey,
+    // Called only once the relay serves, so `app` is there by then.
+    deliverTest: (token) => app.push(testPush(token)),
+  });
+  const app = createApp({ config, sinks: sinkList, router, dispatcher, metrics, logger, pairing });
 
   const { http, port } = await listen(app, config);
   // Started once listening: a relay that cannot listen then has no worker to stop.
@@ -95,6 +106,7 @@ async function assemble(config: Config, logger: Logger, store: Store | undefined
   let stopping: Promise<void> | undefined;
   async function stop() {
     const deadline = Date.now() + config.server.shutdownTimeout;
+    pairing.stop();
     http.close();
     http.closeIdleConnections();
     // Answer every request already accepted: their deliveries are bounded by the sink deadline.
@@ -133,6 +145,22 @@ function listen(app: App, config: Config): Promise<{ http: Server; port: number 
     );
     http.once('error', (err) => reject(new Error(`cannot listen on ${host}:${port}: ${err.message}`)));
     http.listen(port, host, () => resolve({ http, port: (http.address() as AddressInfo).port }));
+  });
+}
+
+/**
+ * The pairing page's "send me a test notification": a `test` push for the device, as Mattermost
+ * sends one (contract §2.2: type test, empty ack_id, so never deduplicated), through the same
+ * handler, routes and dispatcher as a send_push.
+ */
+function testPush(token: string): PushNotification {
+  return PushNotificationSchema.parse({
+    platform: 'android_rn',
+    server_id: 'push-relay',
+    device_id: token,
+    type: 'test',
+    message: 'Test notification from push-relay: this browser is paired.',
+    ack_id: '',
   });
 }
 

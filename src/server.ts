@@ -34,6 +34,8 @@ export type AppDeps = {
   dispatcher: Dispatcher;
   metrics: Metrics;
   logger: Logger;
+  /** The pairing page and its API (src/pairing.ts), mounted at `/`. */
+  pairing?: Hono<any>; // eslint-disable-line @typescript-eslint/no-explicit-any -- its own Bindings
 };
 
 export type Endpoint = 'send_push' | 'ack';
@@ -67,7 +69,7 @@ export type App = Hono & {
 /** The body as text, or undefined when it is over the limit; rejects when the client goes away. */
 type BodyReader = () => Promise<string | undefined>;
 
-export function createApp({ config, sinks, router, dispatcher, metrics, logger }: AppDeps): App {
+export function createApp({ config, sinks, router, dispatcher, metrics, logger, pairing }: AppDeps): App {
   const base = config.server.basePath;
   const limit = config.server.bodyLimit;
   const paths = new Map<string, Endpoint>([
@@ -210,7 +212,7 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger }
     });
     app.all(path, (c) => c.text('method not allowed: use POST', 405, { Allow: 'POST' }));
   }
-  app.get('/', (c) => c.html('<html><body>push-relay: a Mattermost push notification relay</body></html>'));
+  if (pairing) app.route('/', pairing); else app.get('/', (c) => c.html('<html><body>push-relay: a Mattermost push notification relay</body></html>'));
   app.get('/version', (c) => c.json(VERSION));
   app.get('/healthz', (c) => c.json({ status: 'ok' }));
   app.get('/readyz', (c) => {
