@@ -136,17 +136,16 @@ const createFcmSink: SinkFactory<FcmSinkConfig> = (name, config, { logger: log, 
     ],
 
     async start() {
-      let projectId = config.projectId;
+      let account: { project_id?: unknown };
+      try {
+        account = JSON.parse(readFileSync(config.serviceAccount, 'utf8')) as { project_id?: unknown };
+      } catch (err) {
+        throw new Error(`sink ${name}: cannot read the service account ${config.serviceAccount}: ${(err as Error).message}`);
+      }
+      const projectId = config.projectId ?? (typeof account.project_id === 'string' ? account.project_id : undefined);
+      agent = new ProviderAgent(AGENT_OPTIONS);
       let credential = extraAppOptions.credential;
       if (!credential) {
-        let account: { project_id?: unknown };
-        try {
-          account = JSON.parse(readFileSync(config.serviceAccount, 'utf8')) as { project_id?: unknown };
-        } catch (err) {
-          throw new Error(`sink ${name}: cannot read the service account ${config.serviceAccount}: ${(err as Error).message}`);
-        }
-        projectId ??= typeof account.project_id === 'string' ? account.project_id : undefined;
-        agent = new ProviderAgent(AGENT_OPTIONS);
         try {
           credential = cert(config.serviceAccount, agent);
         } catch (err) {
@@ -154,7 +153,6 @@ const createFcmSink: SinkFactory<FcmSinkConfig> = (name, config, { logger: log, 
         }
       }
       if (!projectId) throw new Error(`sink ${name}: no projectId, and the service account names no project_id`);
-      agent ??= new ProviderAgent(AGENT_OPTIONS);
       // One app per sink: the name keeps two FCM sinks (two Firebase projects) apart.
       app = initializeApp({ credential, projectId, httpAgent: agent }, `push-relay:${name}:${process.hrtime.bigint()}`);
       messaging = getMessaging(app);
