@@ -1,13 +1,14 @@
 // The registry: the sink modules, each `sinks/<type>.ts` exporting its type, config schema
 // and factory. Adding a sink type is its file, a line here and its tests; nothing in src/.
 import type { SinkConfigBase } from '../src/schema.js';
+import apns from './apns.js';
 import fcm from './fcm.js';
 import log from './log.js';
 import mqtt, { defaultMqttSink } from './mqtt.js';
 import type { Sink, SinkContext, SinkModule } from './types.js';
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any -- each module's factory takes its own config type
-export const SINK_MODULES: ReadonlyArray<SinkModule<any>> = [mqtt, log, fcm];
+export const SINK_MODULES: ReadonlyArray<SinkModule<any>> = [mqtt, log, fcm, apns];
 
 const byType = new Map(SINK_MODULES.map((m) => [m.type, m]));
 
