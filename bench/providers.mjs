@@ -19,7 +19,8 @@
 // verification and HTTP clients stay the relay's own while connections go to the fakes.
 //
 // Env: BENCH_SECONDS (5), BENCH_WARMUP (2), BENCH_ROUNDS (3), BENCH_CONNECTIONS (64),
-//      BENCH_THREADS (2), BENCH_TARGETS (fcm-direct,fcm-relay,apns-direct,apns-relay,sdk).
+//      BENCH_THREADS (2), BENCH_TARGETS (fcm-direct,fcm-relay,apns-direct,apns-relay,sdk),
+//      BENCH_RELAY_NODE_ARGS (e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof" for the relay process).
 import { spawn, execFileSync } from 'node:child_process';
 import { generateKeyPairSync, verify } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -198,7 +199,8 @@ async function main() {
       { match: { platform: 'apple_rn' }, sinks: ['ios'] },
     ],
   }));
-  const relay = spawnChild(['--import', fileURLToPath(import.meta.url), join(ROOT, 'dist', 'src', 'cli.js'), 'serve', '--config', config], {
+  const nodeArgs = (process.env.BENCH_RELAY_NODE_ARGS || '').split(' ').filter(Boolean);
+  const relay = spawnChild([...nodeArgs, '--import', fileURLToPath(import.meta.url), join(ROOT, 'dist', 'src', 'cli.js'), 'serve', '--config', config], {
     BENCH_ROLE: 'seam', BENCH_CERT: certFile, BENCH_FCM_PORT: String(fcmPort), BENCH_APNS_PORT: String(apnsPort),
   });
   await waitFor('the relay', async () => {
@@ -298,14 +300,32 @@ end
     'apns-direct': (s) => h2load(s),
     'apns-relay': (s) => wrk(relayUrl, post, s, join(payloads, '02-dm-full.json')),
   };
+  // CPU seconds a process has used (utime + stime, /proc/<pid>/stat): per push, a figure the
+  // other programs on a shared machine do not distort the way they distort rates and latencies.
+  const cpuOf = (pid) => {
+    try {
+      const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+      return (Number(f[11]) + Number(f[12])) / 100;
+    } catch {
+      return NaN;
+    }
+  };
+  const measured = async (t, s) => {
+    const before = [cpuOf(relay.child.pid), cpuOf(fakes.child.pid)];
+    const r = await TARGET_RUN[t](s);
+    const pushes = r.rate * s;
+    r.relayCpuMs = ((cpuOf(relay.child.pid) - before[0]) * 1000) / pushes;
+    r.fakeCpuMs = ((cpuOf(fakes.child.pid) - before[1]) * 1000) / pushes;
+    return r;
+  };
   const results = Object.fromEntries(TARGETS.filter((t) => TARGET_RUN[t]).map((t) => [t, []]));
   console.log(`bench/providers: ${cpus().length} cores, load ${loadavg().map((l) => l.toFixed(1)).join(' ')}; ${ROUNDS} rounds, -c${CONNS}, ${WARMUP}+${SECONDS} s each`);
   for (let round = 1; round <= ROUNDS; round++) {
     for (const t of Object.keys(results)) {
       if (WARMUP) await TARGET_RUN[t](WARMUP);
-      const r = await TARGET_RUN[t](SECONDS);
+      const r = await measured(t, SECONDS);
       results[t].push(r);
-      console.log(`  round ${round} ${t.padEnd(11)} ${r.rate.toFixed(0).padStart(6)} /s  p50 ${r.p50.toFixed(2)} ms  p99 ${r.p99.toFixed(2)} ms${r.bad ? `  NOT OK: ${r.bad}${r.sample ? ` (${r.sample})` : ''}` : ''}`);
+      console.log(`  round ${round} ${t.padEnd(11)} ${r.rate.toFixed(0).padStart(6)} /s  p50 ${r.p50.toFixed(2)} ms  p99 ${r.p99.toFixed(2)} ms  cpu/push: relay ${r.relayCpuMs.toFixed(3)} ms, fakes ${r.fakeCpuMs.toFixed(3)} ms${r.bad ? `  NOT OK: ${r.bad}${r.sample ? ` (${r.sample})` : ''}` : ''}`);
     }
   }
   const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
@@ -324,6 +344,9 @@ end
       `${viaRelay.bad ? `; ${viaRelay.bad} answers not OK` : ''} -> ${ok ? 'met' : 'MISSED'}`);
   }
 
+  // A graceful stop, so that e.g. BENCH_RELAY_NODE_ARGS=--cpu-prof can write its profile.
+  relay.child.kill('SIGTERM');
+  await waitFor('the relay to stop', () => relay.child.exitCode !== null || relay.child.signalCode !== null, 15_000).catch(() => {});
   if (TARGETS.includes('sdk')) await sdkCompare({ SECONDS, CONNS, fcmPort, certFile });
   cleanup();
   process.exit(failed ? 1 : 0);

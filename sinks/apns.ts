@@ -48,7 +48,7 @@ const schema = sinkSchema('apns', {
       if (!c[k]) ctx.addIssue({ code: 'custom', path: [k], message: 'token auth needs keyFile, keyId and teamId' });
     }
   }
-  if (!token.every(Boolean) && !c.cert) {
+  if (!token.some(Boolean) && !c.cert) {
     ctx.addIssue({ code: 'custom', path: ['keyFile'], message: 'needs token auth (keyFile, keyId, teamId) or certificate auth (cert, key)' });
   }
 });
