@@ -4,6 +4,8 @@
 // What is asserted is what the provider receives and what Mattermost is answered.
 import { generateKeyPairSync } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
+import { createServer as createHttpServer, type Server } from 'node:http';
+import { connect as netConnect, type AddressInfo, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { useFirebaseCredential } from '../sinks/fcm.js';
@@ -11,7 +13,7 @@ import { useProviderConnection } from '../sinks/provider-net.js';
 import { fcmError, ok, startFcmFake, type FcmFake, type FcmReply, type FcmRequest } from './helpers/fcm-fake.js';
 import { get, post } from './helpers/http.js';
 import { loadPayloads, messagePush, REPO_ROOT } from './helpers/payloads.js';
-import { startTestRelay } from './helpers/relay.js';
+import { spawnRelay, startTestRelay } from './helpers/relay.js';
 import { tempDir } from './helpers/tmp.js';
 import { sleep, until } from './helpers/wait.js';
 
@@ -234,5 +236,46 @@ describe("FCM sink: firebase-admin's own 503 retries do not overrun the delivery
 describe('FCM sink: configuration', () => {
   it('refuses to start with a service-account file it cannot read, naming the file', async () => {
     await expect(startTestRelay({ sinks: fcmSink({ serviceAccount: '/nonexistent/firebase.json' }) })).rejects.toThrow(/\/nonexistent\/firebase\.json/);
+  });
+});
+
+describe('FCM sink as a user runs it: a real service account, through HTTPS_PROXY, trusting NODE_EXTRA_CA_CERTS', () => {
+  let proxy: Server;
+  const tunnels: string[] = [];
+  beforeAll(async () => {
+    // A CONNECT proxy that sends every tunnel to the fake (it serves Google's token endpoint too).
+    proxy = createHttpServer((_req, res) => res.writeHead(405).end());
+    proxy.on('connect', (req, client: Socket, head: Buffer) => {
+      tunnels.push(req.url ?? '');
+      const upstream = netConnect(fake.port, '127.0.0.1', () => {
+        client.write('HTTP/1.1 200 Connection Established\r\n\r\n');
+        upstream.write(head);
+        upstream.pipe(client).pipe(upstream);
+      });
+      for (const s of [client, upstream]) s.on('error', () => {});
+    });
+    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+  });
+  afterAll(() => {
+    proxy.closeAllConnections();
+    proxy.close();
+  });
+
+  it('gets an OAuth token from Google and posts to fcm.googleapis.com, both through the tunnel', async () => {
+    const relay = await spawnRelay({
+      config: { store: 'none', sinks: fcmSink(), routes: [{ match: { platform: 'android_rn' }, sinks: ['android'] }] },
+      env: { HTTPS_PROXY: `http://127.0.0.1:${(proxy.address() as AddressInfo).port}`, NO_PROXY: '', NODE_EXTRA_CA_CERTS: fake.tls.certFile },
+    });
+    try {
+      const got = await sendPush(relay.url, messagePush({ ack_id: 'throughproxy00000000000000' }));
+      expect(got.json).toEqual({ status: 'OK' });
+      expect(tunnels).toContain('oauth2.googleapis.com:443');
+      expect(tunnels).toContain('fcm.googleapis.com:443');
+      expect(fake.tokens.length).toBeGreaterThanOrEqual(1);
+      expect(String(fake.tokens[0]!.body)).toMatch(/grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer/);
+      expect(fake.sends.at(-1)!.headers.authorization).toMatch(/^Bearer fake-access-token-\d+$/);
+    } finally {
+      await relay.stop();
+    }
   });
 });
