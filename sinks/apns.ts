@@ -118,7 +118,9 @@ const createApnsSink: SinkFactory<ApnsSinkConfig> = (name, config, { logger: log
 
   let session: ClientHttp2Session | undefined;
   let connecting: Promise<ClientHttp2Session> | undefined;
-  let active = 0;
+  /** Streams open per session: a retired session's last streams do not count against the new one's limit. */
+  const activeOn = new WeakMap<ClientHttp2Session, number>();
+  const active = (s: ClientHttp2Session) => activeOn.get(s) ?? 0;
   const waiting: Array<() => void> = [];
   let lastError: string | undefined;
   let closed = false;
@@ -155,7 +157,7 @@ const createApnsSink: SinkFactory<ApnsSinkConfig> = (name, config, { logger: log
         s.on('close', () => retire(''));
         // Apple raises the stream limit once it trusts the connection: let waiters in.
         s.on('remoteSettings', () => {
-          while (waiting.length && active < streamLimit(s)) waiting.shift()?.();
+          while (waiting.length && active(s) < streamLimit(s)) waiting.shift()?.();
         });
         return new Promise<ClientHttp2Session>((resolve, reject) => {
           s.once('connect', () => resolve(s));
@@ -190,16 +192,16 @@ const createApnsSink: SinkFactory<ApnsSinkConfig> = (name, config, { logger: log
     for (let tries = 0; tries < 1000; tries++) {
       if (signal.aborted) return undefined;
       const s = usable(session) ? session : await open();
-      if (usable(s) && active < streamLimit(s)) {
-        active++;
+      if (usable(s) && active(s) < streamLimit(s)) {
+        activeOn.set(s, active(s) + 1);
         let released = false;
         return {
           session: s,
           release() {
             if (released) return;
             released = true;
-            active--;
-            if (usable(session) && active < streamLimit(session)) waiting.shift()?.();
+            activeOn.set(s, active(s) - 1);
+            if (usable(session) && active(session) < streamLimit(session)) waiting.shift()?.();
           },
         };
       }
@@ -217,7 +219,8 @@ const createApnsSink: SinkFactory<ApnsSinkConfig> = (name, config, { logger: log
     return undefined;
   }
 
-  type Answer = { status: number; reason: string; apnsId?: string } | { error: string };
+  /** `refused`: the server never processed the stream (RST_STREAM REFUSED_STREAM, or beyond a GOAWAY's last stream): safe to send again. */
+  type Answer = { status: number; reason: string; apnsId?: string } | { error: string; refused?: boolean };
 
   function post(slot: Slot, headers: Record<string, string>, body: string): Promise<Answer> {
     return new Promise((resolve) => {
@@ -254,8 +257,10 @@ const createApnsSink: SinkFactory<ApnsSinkConfig> = (name, config, { logger: log
         }
         done(status ? { status, reason, apnsId } : { error: 'stream ended without a response' });
       });
-      stream.on('error', (err) => done({ error: err.message }));
-      stream.on('close', () => done({ error: status ? 'stream closed early' : `stream closed (code ${stream.rstCode})` }));
+      stream.on('error', (err) => done({ error: err.message, refused: !status && stream.rstCode === h2.NGHTTP2_REFUSED_STREAM }));
+      stream.on('close', () =>
+        done(status ? { error: 'stream closed early' } : { error: `stream closed (code ${stream.rstCode})`, refused: stream.rstCode === h2.NGHTTP2_REFUSED_STREAM }),
+      );
       stream.end(body);
     });
   }
@@ -291,6 +296,8 @@ const createApnsSink: SinkFactory<ApnsSinkConfig> = (name, config, { logger: log
       if (token) headers.authorization = `bearer ${token}`;
       const a = await post(slot, headers, req.body);
       if ('error' in a) {
+        // Apple never saw it (RFC 9113 §8.7): straight onto a new session, once.
+        if (a.refused && attempt === 0 && !signal.aborted) continue;
         done({ kind: 'failure', reason: 'RequestError' });
         lastError = a.error;
         return { kind: 'retryable', reason: 'network_error', detail: `APNs: ${a.error}` };

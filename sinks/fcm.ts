@@ -10,8 +10,10 @@
 import { readFileSync } from 'node:fs';
 import { Agent, type AgentOptions } from 'node:https';
 import type { Duplex } from 'node:stream';
-import { cert, deleteApp, initializeApp, type App, type AppOptions } from 'firebase-admin/app';
-import { getMessaging, type Messaging } from 'firebase-admin/messaging';
+// firebase-admin is loaded when an FCM sink starts, not when the registry loads: a relay
+// without one does not pay its start-up time and memory (it loads google-auth-library, gaxios...).
+import type { App, AppOptions } from 'firebase-admin/app';
+import type { Messaging } from 'firebase-admin/messaging';
 import { z } from 'zod';
 import { shortToken, type PushNotification } from '../src/contract.js';
 import { sinkSchema } from '../src/schema.js';
@@ -143,6 +145,7 @@ const createFcmSink: SinkFactory<FcmSinkConfig> = (name, config, { logger: log, 
         throw new Error(`sink ${name}: cannot read the service account ${config.serviceAccount}: ${(err as Error).message}`);
       }
       const projectId = config.projectId ?? (typeof account.project_id === 'string' ? account.project_id : undefined);
+      const [{ cert, initializeApp }, { getMessaging }] = await Promise.all([import('firebase-admin/app'), import('firebase-admin/messaging')]);
       agent = new ProviderAgent(AGENT_OPTIONS);
       let credential = extraAppOptions.credential;
       if (!credential) {
@@ -192,7 +195,10 @@ const createFcmSink: SinkFactory<FcmSinkConfig> = (name, config, { logger: log, 
     },
 
     async close() {
-      if (app) await deleteApp(app).catch(() => {});
+      if (app) {
+        const { deleteApp } = await import('firebase-admin/app');
+        await deleteApp(app).catch(() => {});
+      }
       app = undefined;
       messaging = undefined;
       agent?.destroy();

@@ -211,6 +211,14 @@ describe('APNs sink: the connection', () => {
     expect(fake.requests.at(-1)!.session).toBe(before + 1);
   });
 
+  it('sends a push again at once, on a new stream, when Apple refused the stream unprocessed (REFUSED_STREAM)', async () => {
+    const { url } = await startTestRelay({ sinks: apnsSink() });
+    let n = 0;
+    fake.respond(() => (++n === 1 ? { status: 0, rst: 7 /* NGHTTP2_REFUSED_STREAM */ } : { status: 200 }));
+    expect((await sendPush(url, iosPush({ ack_id: 'refusedstream0000000000000' }))).json).toEqual({ status: 'OK' });
+    expect(fake.requests).toHaveLength(2);
+  });
+
   it("keeps its streams within the server's SETTINGS_MAX_CONCURRENT_STREAMS", async () => {
     const narrow = await startApnsFake({ publicKey, keyId: KEY_ID, teamId: TEAM_ID, maxConcurrentStreams: 3 });
     useProviderConnection(narrow.dial);

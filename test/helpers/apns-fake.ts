@@ -23,7 +23,8 @@ export type ApnsFakeRequest = {
   clientCn?: string;
   session: number;
 };
-export type ApnsFakeReply = { status: number; reason?: string; delayMs?: number };
+/** `rst`: reset the stream with this HTTP/2 error code instead of answering (e.g. REFUSED_STREAM). */
+export type ApnsFakeReply = { status: number; reason?: string; delayMs?: number; rst?: number };
 export type ApnsResponder = (req: ApnsFakeRequest, nth: number) => ApnsFakeReply;
 
 export type ApnsFakeOptions = {
@@ -94,6 +95,7 @@ export async function startApnsFake(opts: ApnsFakeOptions = {}): Promise<ApnsFak
       const answer = (r: ApnsFakeReply) => {
         const send = () => {
           if (stream.destroyed) return;
+          if (r.rst !== undefined) return stream.close(r.rst);
           const id = `${sessionCount}-${requests.length}-fake`;
           if (r.status === 200) {
             stream.respond({ ':status': 200, 'apns-id': id });
