@@ -1,6 +1,8 @@
 // The registry: the sink modules, each `sinks/<type>.ts` exporting its type, config schema
 // and factory. Adding a sink type is its file, a line here and its tests; nothing in src/.
 import type { SinkConfigBase } from '../src/schema.js';
+import apns from './apns.js';
+import fcm from './fcm.js';
 import email from './email.js';
 import log from './log.js';
 import mqtt, { defaultMqttSink } from './mqtt.js';
@@ -10,7 +12,7 @@ import webhook from './webhook.js';
 import webpush from './webpush.js';
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any -- each module's factory takes its own config type
-export const SINK_MODULES: ReadonlyArray<SinkModule<any>> = [mqtt, log, upstream, webpush, email, webhook];
+export const SINK_MODULES: ReadonlyArray<SinkModule<any>> = [mqtt, log, fcm, apns, upstream, webpush, email, webhook];
 
 const byType = new Map(SINK_MODULES.map((m) => [m.type, m]));
 
