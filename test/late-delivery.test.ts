@@ -82,15 +82,16 @@ describe('a send that outlives its deadline', () => {
   });
 
   it('is taken back from the outbox when a retry passes its deadline and then succeeds', async () => {
-    // The first send is refused at once (queued); the outbox's retry answers after 300 ms,
-    // past the 50 ms deadline: the row is rescheduled, then the late success takes it back.
+    // The first send is refused at once (queued); the outbox's retry answers after 120 ms,
+    // past the 50 ms deadline but before the row's next try (>= 200 ms after it is
+    // rescheduled): the late success takes the rescheduled row back.
     let sends = 0;
     const sink: Sink = {
       ...slowSink([]),
       send(): Promise<Outcome> {
         sends++;
         if (sends === 1) return Promise.resolve({ kind: 'retryable', reason: 'publish_failed' });
-        return sleep(sends === 2 ? 300 : 0).then(() => ({ kind: 'delivered' }) as const);
+        return sleep(sends === 2 ? 120 : 0).then(() => ({ kind: 'delivered' }) as const);
       },
     };
     const { store, metrics, deliver, close } = await setup(sink, 50);

@@ -236,7 +236,7 @@ describe.skipIf(!chromiumAvailable())('the pairing page in Chromium', () => {
     const list = await until('the marker', async () => {
       const l = await shown();
       return l.some((x) => x.tag === 'mm:marker') ? l : undefined;
-    });
+    }, { timeoutMs: 20_000 });
     expect(list.map((x) => x.title)).toEqual(['marker']);
     await push({ v: 1, type: 'clear' });
   });
