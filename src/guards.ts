@@ -50,6 +50,8 @@ export type RefusalReason = (typeof REFUSAL_REASONS)[number];
 export type Refusals = {
   /** Counts a refusal and logs it unless this (reason, client) was logged within the minute. */
   refused(reason: RefusalReason, client: string, fields?: Record<string, unknown>): void;
+  /** (reason, client) pairs remembered now. */
+  size(): number;
   stop(): void;
 };
 
@@ -120,6 +122,7 @@ export function createRefusals(registry: Registry, logger: Logger): Refusals {
       recent.set(key, { reason, client, until: now + WINDOW_MS, unlogged: 0 });
       line(reason, { reason, client: client || undefined, ...fields }, `${MESSAGES[reason]}; the next ones from this client in the next minute are counted, not logged`);
     },
+    size: () => recent.size,
     stop() {
       clearInterval(timer);
       flush(Number.POSITIVE_INFINITY);
