@@ -83,6 +83,7 @@ async function serve(args: string[]) {
   // A reload (interface.md): SIGHUP, or a change of the config file. The new config is read
   // and validated whole; an invalid one is refused with the key named and the old one stays.
   const reload = (why: string) => {
+    watcher?.sync();
     let next: Config;
     try {
       next = loadConfig(file);
@@ -101,8 +102,8 @@ async function serve(args: string[]) {
     });
   };
   // Node's default for SIGHUP is to exit: a log rotation or `systemctl reload` took the relay down.
-  process.on('SIGHUP', () => reload('SIGHUP'));
   const watcher = file ? watchConfigFile(file, () => reload('file changed')) : undefined;
+  process.on('SIGHUP', () => reload('SIGHUP'));
 
   let signals = 0;
   const shutdown = (signal: string) => {

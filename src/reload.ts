@@ -36,7 +36,7 @@ export function liveProblems(old: Config, next: Config): string[] {
  * a symlink swapped in `..data`), which ends a watch on the file itself. A content hash keeps
  * a touch, or a write of the same bytes, from reloading.
  */
-export function watchConfigFile(file: string, onChange: () => void, debounceMs = 300): { close(): void } {
+export function watchConfigFile(file: string, onChange: () => void, debounceMs = 300): { sync(): void; close(): void } {
   const path = resolve(file);
   const name = basename(path);
   const hash = () => {
@@ -67,6 +67,10 @@ export function watchConfigFile(file: string, onChange: () => void, debounceMs =
     // No inotify (some containers): SIGHUP still reloads.
   }
   return {
+    /** The content now in the file is what runs (a SIGHUP reload read it): no reload for it. */
+    sync() {
+      last = hash();
+    },
     close() {
       clearTimeout(timer);
       watcher?.close();
