@@ -92,7 +92,7 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger, 
       return { status: 'FAIL', error: parsed.error };
     }
     // Decided before any sink (or the outbox) sees the push: see MAX_DEPTH in guards.ts.
-    const problem = payloadProblem(parsed.value);
+    const problem = payloadProblem(parsed.value, text);
     if (problem) {
       metrics.invalid('send_push', 'invalid_payload');
       metrics.reply('FAIL');
