@@ -11,7 +11,10 @@ import { post } from './helpers/http.js';
 import { haveMosquitto, startMosquitto, type Mosquitto } from './helpers/mosquitto.js';
 import { subscribe, type Subscriber } from './helpers/mqtt.js';
 import { messagePush } from './helpers/payloads.js';
-import { spawnRelay, type RelayProcess } from './helpers/relay.js';
+import { spawnRelay, startTestRelay, type RelayProcess } from './helpers/relay.js';
+import { freePort } from './helpers/ports.js';
+import { parseConfig } from '../src/config.js';
+import { openStore } from '../src/store/index.js';
 import { call, makeCert } from './helpers/tls-cert.js';
 import { tempDir } from './helpers/tmp.js';
 import { sleep, until } from './helpers/wait.js';
@@ -177,5 +180,66 @@ describe('reload of TLS files', () => {
     relay.proc.kill('SIGHUP');
     await until('a refusal', () => relay.logs().some((l) => /reload refused.*server\.tls\.key/.test(String(l.msg))));
     expect((await call(url, { body, ca: Buffer.concat([first.pem, second.pem]) })).fingerprint).toBe(second.fingerprint);
+  });
+});
+
+describe('Relay.reload, in process', () => {
+  const relays: Array<Awaited<ReturnType<typeof startTestRelay>>> = [];
+  afterAll(async () => {
+    await Promise.all(relays.map((r) => r.stop()));
+  });
+  const parse = (raw: Record<string, unknown>) => parseConfig({ ...raw, server: { host: '127.0.0.1', port: 0, ...(raw.server as object) }, store: raw.store ?? 'none' }, {});
+
+  it('keeps the instance of an unchanged sink, rebuilds a changed one, adds and removes, and applies new guards', async () => {
+    const first = { sinks: { a: { type: 'log' }, b: { type: 'log', level: 'debug' } } };
+    const relay = await startTestRelay(first);
+    relays.push(relay);
+    const a = relay.sinks.get('a');
+    const b = relay.sinks.get('b');
+    const result = await relay.reload(parse({ sinks: { a: { type: 'log' }, b: { type: 'log', level: 'warn' }, c: { type: 'log' } }, server: { auth: { username: 'u', password: 'pw-reloaded' } } }));
+    expect(result).toEqual({ ok: true, changes: expect.arrayContaining(['sink b rebuilt', 'sink c added', 'server']) });
+    expect(relay.sinks.get('a')).toBe(a);
+    expect(relay.sinks.get('b')).not.toBe(b);
+    expect([...relay.sinks.keys()]).toEqual(['a', 'b', 'c']);
+    const body = JSON.stringify(messagePush({ ack_id: '' }));
+    expect((await post(`${relay.url}/api/v1/send_push`, body)).status).toBe(401);
+    const auth = { Authorization: `Basic ${Buffer.from('u:pw-reloaded').toString('base64')}` };
+    expect((await post(`${relay.url}/api/v1/send_push`, body, { headers: auth })).json).toEqual({ status: 'OK' });
+
+    const removed = await relay.reload(parse({ sinks: { a: { type: 'log' } } }));
+    expect(removed).toMatchObject({ ok: true, changes: expect.arrayContaining(['sink b removed (its outbox rows wait until their ttl)', 'sink c removed (its outbox rows wait until their ttl)']) });
+    expect(relay.sinks.get('a')).toBe(a);
+    expect((await post(`${relay.url}/api/v1/send_push`, body)).json).toEqual({ status: 'OK' });
+  });
+
+  it('refuses a config that changes what cannot change live, naming each key, and keeps the old one', async () => {
+    const relay = await startTestRelay({ sinks: { a: { type: 'log' } } });
+    relays.push(relay);
+    const before = relay.config;
+    const result = await relay.reload(parse({ sinks: { a: { type: 'log' } }, server: { host: '127.0.0.2', maxHeaderSize: '32kb' }, delivery: { dedupWindow: '1m' } }));
+    expect(result.ok).toBe(false);
+    const problems = (result as { problems: string[] }).problems.join('\n');
+    for (const key of ['server.host', 'server.maxHeaderSize', 'delivery.dedupWindow']) expect(problems).toContain(`${key}: cannot change while running`);
+    expect(relay.config).toBe(before);
+  });
+
+  it("keeps a removed sink's outbox rows (they wait for their ttl) and serves on", async () => {
+    const dead = `mqtt://127.0.0.1:${await freePort()}`;
+    const raw = { store: 'sqlite', dataDir: tempDir('push-relay-reload-store-'), delivery: { deadline: '200ms' }, sinks: { gone: { type: 'mqtt', url: dead, reconnectMin: '5s' }, log: { type: 'log' } } };
+    const relay = await startTestRelay(raw);
+    relays.push(relay);
+    expect((await post(`${relay.url}/api/v1/send_push`, JSON.stringify(messagePush({ ack_id: ackId('row') })))).json).toEqual({ status: 'OK' });
+    const result = await relay.reload(parse({ ...raw, sinks: { log: { type: 'log' } } }));
+    expect(result.ok).toBe(true);
+    await sleep(1000); // several outbox rounds
+    const store = await openStore('sqlite', raw.dataDir, false);
+    try {
+      const st = await store!.stats();
+      expect(st.bySink).toEqual({ gone: 1 });
+      expect(st.deadLetters).toBe(0);
+    } finally {
+      await store!.close();
+    }
+    expect((await post(`${relay.url}/api/v1/send_push`, JSON.stringify(messagePush({ ack_id: ackId('row') })))).json).toEqual({ status: 'OK' });
   });
 });
