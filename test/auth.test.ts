@@ -6,6 +6,7 @@ import { Writable } from 'node:stream';
 import pino from 'pino';
 import { Registry } from 'prom-client';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
+import { parseConfig } from '../src/config.js';
 import { createRefusals } from '../src/guards.js';
 import { messagePush } from './helpers/payloads.js';
 import { startTestRelay } from './helpers/relay.js';
@@ -234,5 +235,24 @@ describe('refusals', () => {
     expect(refusals.size()).toBeGreaterThan(1000);
     expect(refusals.size()).toBeLessThanOrEqual(1024);
     refusals.stop();
+  });
+});
+
+describe('config of the guards', () => {
+  const parse = (server: Record<string, unknown>, admin?: Record<string, unknown>) =>
+    parseConfig({ server, ...(admin ? { admin } : {}), sinks: { log: { type: 'log' } } }, {});
+  it('accepts CIDRs and single addresses, IPv4 and IPv6', () => {
+    expect(parse({ allow: ['10.0.0.0/8', '127.0.0.1', '::1', '2001:db8::/32'], trustProxy: ['0.0.0.0/0'] }).server.allow).toHaveLength(4);
+  });
+  it.each([['10.0.0.0/33'], ['10.0.0/8'], ['example.com'], ['::1/129'], ['10.0.0.0/8/1']])('refuses %s in server.allow, naming the key', (bad) => {
+    expect(() => parse({ allow: [bad] })).toThrow(new RegExp(`server\\.allow\\.0: "${bad.replace(/[./]/g, '\\$&')}" is not an address or CIDR`));
+  });
+  it('needs admin.token for metricsAuth, and a token of 16 characters or more', () => {
+    expect(() => parse({}, { metricsAuth: true })).toThrow(/admin\.metricsAuth: needs admin\.token/);
+    expect(() => parse({}, { token: 'short' })).toThrow(/admin\.token: use at least 16 characters/);
+  });
+  it('fills burst from perSecond when it is left out, and refuses a headers timeout longer than the request timeout', () => {
+    expect(parse({ rateLimit: { perSecond: 100 } }).server.rateLimit).toEqual({ perSecond: 100, burst: 200 });
+    expect(() => parse({ headersTimeout: '40s', requestTimeout: '30s' })).toThrow(/server\.headersTimeout: must not be longer than server\.requestTimeout/);
   });
 });

@@ -7,6 +7,7 @@
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { parseConfig } from '../src/config.js';
 import { configSecrets, createLogger } from '../src/log.js';
 import { post, request } from './helpers/http.js';
 import { haveMosquitto, startMosquitto, type Mosquitto } from './helpers/mosquitto.js';
@@ -134,5 +135,22 @@ describe.skipIf(!haveMosquitto())('redaction', () => {
       DEVICE.slice(0, 40),
     ];
     for (const secret of forbidden) expect({ secret, found: text.includes(secret) }).toEqual({ secret, found: false });
+  });
+});
+
+describe('secrets from VAR_FILE', () => {
+  const dir = tempDir('push-relay-varfile-');
+  const cfg = (password: string) => ({ server: { auth: { username: 'u', password } }, sinks: { log: { type: 'log' } } });
+  it('reads VAR_FILE when VAR is unset, cutting one trailing newline; VAR wins when set', () => {
+    const f = join(dir, 'pw');
+    writeFileSync(f, 'from-file\n');
+    expect(parseConfig(cfg('${PW}'), { PW_FILE: f }).server.auth?.password).toBe('from-file');
+    expect(parseConfig(cfg('${PW}'), { PW: 'from-env', PW_FILE: f }).server.auth?.password).toBe('from-env');
+    writeFileSync(f, 'crlf\r\n\n');
+    expect(parseConfig(cfg('${PW}'), { PW_FILE: f }).server.auth?.password).toBe('crlf\r\n');
+  });
+  it('names the key and the file when VAR_FILE cannot be read', () => {
+    expect(() => parseConfig(cfg('${PW}'), { PW_FILE: join(dir, 'missing') })).toThrow(/server\.auth\.password: PW_FILE=.*missing: cannot read: ENOENT/);
+    expect(() => parseConfig(cfg('${PW}'), {})).toThrow(/environment variable PW is not set \(nor PW_FILE/);
   });
 });

@@ -158,7 +158,10 @@ describe('reload of TLS files', () => {
     const file = join(tempDir('push-relay-tls-conf-'), 'config.json');
     writeFileSync(file, JSON.stringify({ server: { tls: { cert, key } }, store: 'none', sinks: { log: { type: 'log' } } }));
     relay = await spawnRelay({ args: ['serve', '--config', file], waitReady: false });
-    await relay.waitForLine(/set Mattermost's Push Notification Server/, 10_000);
+    const banner = await relay.waitForLine(/set Mattermost's Push Notification Server/, 10_000);
+    // The banner names https and the certificate's host: what Mattermost must be given.
+    expect(banner).toContain(`https://localhost:${relay.port}`);
+    expect(await relay.waitForLine(/listening on https:\/\//)).toContain('TLS, certificate for localhost, 127.0.0.1');
     const url = `https://127.0.0.1:${relay.port}/api/v1/send_push`;
     const body = JSON.stringify(messagePush({ ack_id: '' }));
     const r1 = await call(url, { body, ca: Buffer.concat([first.pem, second.pem]) });
