@@ -8,7 +8,8 @@ import { readFileSync } from 'node:fs';
 import { devicesCommand, vapidGenerate, type CliTools } from './cli-devices.js';
 import { ConfigError, loadConfig, type Config } from './config.js';
 import { translateProxyConfig } from './import-proxy-config.js';
-import { createLogger } from './log.js';
+import { configSecrets, createLogger } from './log.js';
+import { watchConfigFile } from './reload.js';
 import { sinkPolicy, startRelay } from './relay.js';
 import { openStore, type PendingDelivery } from './store/index.js';
 import { VERSION } from './version.js';
@@ -16,7 +17,8 @@ import { VERSION } from './version.js';
 const USAGE = `push-relay: a self-hosted push notification relay for Mattermost
 
 Usage:
-  push-relay serve [--config FILE]     run the relay (env PUSH_RELAY_CONFIG=FILE does the same)
+  push-relay serve [--config FILE]     run the relay (env PUSH_RELAY_CONFIG=FILE does the same);
+                                       SIGHUP or a change of FILE reloads it
   push-relay check-config [FILE]       validate a config file and print the result, start nothing
   push-relay outbox stats|list|retry|purge [--sink NAME] [--limit N] [--config FILE]
                                        inspect the outbox; retry makes every pending delivery due now
@@ -78,8 +80,10 @@ function load(file: string | undefined): Config {
 }
 
 async function serve(args: string[]) {
-  const config = load(configFile(args));
-  const logger = createLogger(config.log);
+  const file = configFile(args);
+  const config = load(file);
+  const secrets = { values: configSecrets(config) };
+  const logger = createLogger(config.log, undefined, secrets);
   let relay: Awaited<ReturnType<typeof startRelay>>;
   try {
     relay = await startRelay(config, logger);
@@ -89,12 +93,39 @@ async function serve(args: string[]) {
     setTimeout(() => process.exit(1), 100);
     return;
   }
+
+  // A reload (interface.md): SIGHUP, or a change of the config file. The new config is read
+  // and validated whole; an invalid one is refused with the key named and the old one stays.
+  const reload = (why: string) => {
+    watcher?.sync();
+    let next: Config;
+    try {
+      next = loadConfig(file);
+    } catch (err) {
+      const problems = err instanceof ConfigError ? err.problems : [(err as Error).message];
+      logger.error({ trigger: why, problems }, `config reload refused, the running config stays: ${problems.join('; ')}`);
+      return;
+    }
+    secrets.values = [...new Set([...secrets.values, ...configSecrets(next)])];
+    void relay.reload(next).then((result) => {
+      if (result.ok) {
+        logger.info({ trigger: why, changes: result.changes }, `config reloaded: ${result.changes.join(', ') || 'nothing changed'}`);
+      } else {
+        logger.error({ trigger: why, problems: result.problems }, `config reload refused, the running config stays: ${result.problems.join('; ')}`);
+      }
+    });
+  };
+  // Node's default for SIGHUP is to exit: a log rotation or `systemctl reload` took the relay down.
+  const watcher = file ? watchConfigFile(file, () => reload('file changed')) : undefined;
+  process.on('SIGHUP', () => reload('SIGHUP'));
+
   let signals = 0;
   const shutdown = (signal: string) => {
     if (++signals > 1) {
       logger.warn({ signal }, 'second signal: exiting now');
       process.exit(1);
     }
+    watcher?.close();
     logger.info({ signal }, 'shutting down: answering requests in flight, then closing sinks');
     relay.stop().then(
       () => {

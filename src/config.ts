@@ -2,9 +2,10 @@
 // strict validation. A mistake stops start-up with the key path and the reason, before
 // anything listens: a relay that silently ignores `qso: 1` is worse than one that refuses.
 import { readFileSync } from 'node:fs';
+import { isIP } from 'node:net';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
-import { boolish, duration, int, oneOrMany, size, url, type SinkConfigBase } from './schema.js';
+import { boolish, duration, int, numeric, oneOrMany, size, url, type SinkConfigBase } from './schema.js';
 import { SignaturesSchema } from './signatures.js';
 import { defaultSinks, SINK_MODULES } from '../sinks/index.js';
 
@@ -23,6 +24,19 @@ const SinkSchema = z.discriminatedUnion(
   { error: (iss) => (iss.code === 'invalid_union' ? `unknown sink type; known types: ${SINK_TYPES.join(', ')}` : undefined) },
 ) as unknown as z.ZodType<SinkConfigBase & Record<string, unknown>>;
 export type SinkConfig = z.output<typeof SinkSchema>;
+
+// ---- server ----
+
+/** `10.0.0.0/8`, `2001:db8::/32`, or one address (a /32 or /128). */
+const cidr = z.string().superRefine((v, ctx) => {
+  const [addr = '', prefix, extra] = v.trim().split('/');
+  const family = isIP(addr);
+  const bits = prefix === undefined ? (family === 6 ? 128 : 32) : /^\d{1,3}$/.test(prefix) ? Number(prefix) : NaN;
+  if (family === 0 || extra !== undefined || !(bits >= 0 && bits <= (family === 6 ? 128 : 32))) {
+    ctx.addIssue({ code: 'custom', message: `"${v}" is not an address or CIDR (e.g. 10.0.0.0/8, 127.0.0.1, 2001:db8::/32)` });
+  }
+});
+const positive = z.preprocess(numeric, z.number().positive());
 
 // ---- routes ----
 
@@ -63,6 +77,34 @@ export const ConfigSchema = z
         shutdownTimeout: duration.default(10_000),
         /** Basic auth for the API; Mattermost sends it when its URL is https://user:pass@relay/. */
         auth: z.strictObject({ username: z.string().min(1), password: z.string().min(1) }).optional(),
+        /** Who may call the Mattermost API (CIDRs or addresses, IPv4 and IPv6); absent: anyone. */
+        allow: z.array(cidr).min(1).optional(),
+        /** Peers whose X-Forwarded-For is believed (a reverse proxy in front of the relay). */
+        trustProxy: z.array(cidr).optional(),
+        /** Token buckets per client address on the API; absent: no limit (Mattermost drops a push that gets 429). */
+        rateLimit: z
+          .strictObject({ perSecond: positive, burst: positive.optional() })
+          .transform((r) => ({ perSecond: r.perSecond, burst: r.burst ?? Math.max(1, Math.ceil(r.perSecond * 2)) }))
+          .optional(),
+        /** Serve HTTPS: PEM certificate chain and key files, read again on SIGHUP. */
+        tls: z.strictObject({ cert: z.string().min(1), key: z.string().min(1) }).optional(),
+        /** The longest request head (request line + headers) node:http reads; longer: 431. */
+        maxHeaderSize: size.default(16 * 1024),
+        /** The most header lines a request may carry; more: 431. */
+        maxHeaders: int(8, 1000).default(64),
+        /** How long a client may take to send its request head (slow clients are cut off: 408). */
+        headersTimeout: duration.default(10_000),
+        /** How long a client may take to send its whole request, head and body. */
+        requestTimeout: duration.default(30_000),
+        /** An idle keep-alive connection is closed after this (Mattermost keeps its own 90 s, contract §1.1). */
+        keepAliveTimeout: duration.default(95_000),
+      })
+      .prefault({}),
+    /** The operator's side: a bearer token for /admin/... (and /metrics when metricsAuth). */
+    admin: z
+      .strictObject({
+        token: z.string().min(16, { error: 'use at least 16 characters (e.g. openssl rand -hex 32)' }).optional(),
+        metricsAuth: z.preprocess(boolish, z.boolean()).default(false),
       })
       .prefault({}),
     log: z
@@ -116,6 +158,13 @@ export const ConfigSchema = z
     routes: z.array(RouteSchema).optional(),
   })
   .superRefine((cfg, ctx) => {
+    if (cfg.admin.metricsAuth && !cfg.admin.token) {
+      ctx.addIssue({ code: 'custom', path: ['admin', 'metricsAuth'], message: 'needs admin.token (the bearer token /metrics then asks for)' });
+    }
+    const s = cfg.server;
+    if (s.headersTimeout > s.requestTimeout) {
+      ctx.addIssue({ code: 'custom', path: ['server', 'headersTimeout'], message: 'must not be longer than server.requestTimeout' });
+    }
     if (Object.keys(cfg.sinks).length === 0) {
       ctx.addIssue({ code: 'custom', path: ['sinks'], message: 'at least one sink is needed' });
     }
@@ -200,15 +249,28 @@ function describe(issue: z.core.$ZodIssue): string {
   return `${path || '(top level)'}: ${issue.message}`;
 }
 
-/** `${VAR}` and `${VAR:-default}` in every string value; `$${` is a literal `${`. */
+/**
+ * `${VAR}` and `${VAR:-default}` in every string value; `$${` is a literal `${`. When VAR is
+ * unset and VAR_FILE names a file, `${VAR}` is that file's content without its trailing
+ * newline: the convention of Docker and Kubernetes secrets (`/run/secrets/<name>`).
+ */
 function interpolate(value: unknown, path: Array<string | number>, env: Env, problems: string[]): unknown {
   if (typeof value === 'string') {
     return value.replace(/\$?\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}/g, (whole, name: string, def?: string) => {
       if (whole.startsWith('$$')) return whole.slice(1);
       const v = env[name];
       if (v !== undefined && v !== '') return v;
+      const file = env[`${name}_FILE`];
+      if (file !== undefined && file !== '') {
+        try {
+          return readFileSync(file, 'utf8').replace(/\r?\n$/, '');
+        } catch (err) {
+          problems.push(`${path.join('.')}: ${name}_FILE=${file}: cannot read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+          return '';
+        }
+      }
       if (def !== undefined) return def;
-      problems.push(`${path.join('.')}: environment variable ${name} is not set (write \${${name}:-default} for a default)`);
+      problems.push(`${path.join('.')}: environment variable ${name} is not set (nor ${name}_FILE; write \${${name}:-default} for a default)`);
       return '';
     });
   }

@@ -154,11 +154,14 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
       metrics.outcome(sink.name, outcome.kind, 'reason' in outcome ? outcome.reason : '', (performance.now() - started) / 1000);
       if (outcome.kind === 'permanent' && outbox) {
         // FAIL tells Mattermost; the dead letter lets an operator replay it once the sink is fixed.
+        // If even that fails, the reply must say the notification is gone: FAIL with both
+        // reasons, counted as lost (never an OK, never a silent drop).
         return outbox.bury(sink.name, n, outcome).then(
           () => outcome,
-          (err) => {
-            log().error({ err: (err as Error).message }, 'cannot write the dead letter');
-            return outcome;
+          (err): Result => {
+            metrics.lost(sink.name);
+            log().error({ sink: sink.name, err: (err as Error).message }, 'cannot write the dead letter: this notification is lost');
+            return { ...outcome, detail: `${outcome.detail ?? outcome.reason}; not kept as a dead letter either (${(err as Error).message}): lost` };
           },
         );
       }
@@ -185,6 +188,7 @@ export function createDispatcher(opts: DispatcherOptions): Dispatcher {
       metrics.outcome(sink.name, 'queued', why.reason);
       return { kind: 'queued', reason: why.reason, detail: why.detail };
     } catch (err) {
+      metrics.lost(sink.name);
       log().error({ sink: sink.name, err: (err as Error).message }, 'cannot write to the outbox: answering FAIL');
       return { kind: 'retryable', reason: 'outbox_unavailable', detail: `${why.detail ?? why.reason}; outbox write failed: ${(err as Error).message}` };
     }

@@ -86,9 +86,10 @@ export function createMetrics(sinks: readonly Sink[], store?: Store, registry: R
     },
   });
 
+  const perSinkCounters: Array<Counter<'sink'>> = [];
   const perSinkCounter = (name: string, help: string) => {
     const c = new Counter({ name, help, labelNames: ['sink'], registers: [registry] });
-    for (const s of sinks) c.labels(s.name).inc(0);
+    perSinkCounters.push(c);
     return c;
   };
   const enqueued = perSinkCounter('push_relay_outbox_enqueued_total', 'Deliveries written to the outbox because the sink was down, slow or saturated.');
@@ -132,12 +133,23 @@ export function createMetrics(sinks: readonly Sink[], store?: Store, registry: R
     });
   }
 
-  for (const s of sinks) {
-    const pairs: Array<readonly [string, string]> = [...s.reasons, ...DISPATCH_REASONS];
-    // Whatever can fail retryably can also end up queued for the same reason.
-    const queued = pairs.filter(([kind]) => kind === 'retryable').map(([, reason]) => ['queued', reason] as const);
-    for (const [kind, reason] of [...pairs, ...queued]) outcomes.labels(s.name, kind, reason).inc(0);
+  const lost = perSinkCounter(
+    'push_relay_lost_deliveries_total',
+    'Deliveries answered FAIL that could be neither queued nor kept as a dead letter (the store failed): gone for good.',
+  );
+
+  /** Every series of these sinks at 0 (at start, and for a sink a reload adds). */
+  function addSinks(added: readonly Sink[]) {
+    for (const s of added) {
+      latency.add(s.name);
+      for (const c of perSinkCounters) c.labels(s.name).inc(0);
+      const pairs: Array<readonly [string, string]> = [...s.reasons, ...DISPATCH_REASONS];
+      // Whatever can fail retryably can also end up queued for the same reason.
+      const queued = pairs.filter(([kind]) => kind === 'retryable').map(([, reason]) => ['queued', reason] as const);
+      for (const [kind, reason] of [...pairs, ...queued]) outcomes.labels(s.name, kind, reason).inc(0);
+    }
   }
+  addSinks(sinks);
 
   // The hot path adds to plain numbers; prom-client gets them when scraped (its inc() hashes
   // labels and checks values on every call: 5% of the relay's CPU at 12 000 notifications/s).
@@ -165,6 +177,8 @@ export function createMetrics(sinks: readonly Sink[], store?: Store, registry: R
     deadLetter: (sink: string) => dead.labels(sink).inc(),
     suppressed: (sink: string) => suppressed.labels(sink).inc(),
     duplicate: (sink: string) => duplicates.labels(sink).inc(),
+    lost: (sink: string) => lost.labels(sink).inc(),
+    addSinks,
     outcome(sink: string, kind: OutcomeKind | 'queued', reason: string, seconds?: number) {
       outcomesBy.inc(sink, kind, reason);
       if (seconds !== undefined) latency.observe(sink, seconds);
@@ -183,6 +197,9 @@ function sinkHistogram(name: string, help: string, sinkNames: readonly string[])
     help,
     type: 'histogram' as const,
     aggregator: 'sum' as const,
+    add(sink: string) {
+      if (!bySink.has(sink)) bySink.set(sink, { buckets: new Array<number>(LATENCY_BUCKETS.length).fill(0), sum: 0, count: 0 });
+    },
     observe(sink: string, value: number) {
       const h = bySink.get(sink);
       if (!h) return;

@@ -64,9 +64,14 @@ export function createOutbox(opts: OutboxOptions): Outbox {
   async function deliver(row: PendingDelivery): Promise<'done' | 'later' | 'dead'> {
     // Claims name only configured sinks that are ready (`round`); the rows of a sink removed
     // from the config stay until their time to live, then become dead letters.
-    const sink = sinks.get(row.sink) as Sink;
+    const sink = sinks.get(row.sink);
     const p = opts.policy(row.sink);
     const now = Date.now();
+    if (!sink) {
+      // Removed by a reload between the claim and now: left for a config that has it again, or its TTL.
+      await store.reschedule(row.id, row.attempts, now + 60_000, row.lastError);
+      return 'later';
+    }
     // Parsed as Mattermost's body was, so a sink that forwards the bytes (upstream) gets them.
     const parsed = parseBody(PushNotificationSchema, row.payload, fastNotification);
     if (!parsed.ok) {
@@ -127,7 +132,7 @@ export function createOutbox(opts: OutboxOptions): Outbox {
     }
     // Only claim for sinks that can take them: a broker that is down leaves its rows alone.
     const ready = [...sinks.values()].filter((s) => s.state().ready).map((s) => s.name);
-    const rows = await store.claim(ready, batch, leaseMs, now);
+    const rows = await store.claim(ready, batch, leaseMs(), now);
     if (rows.length === 0) return false;
     const results = await Promise.all(
       rows.map((row) =>
@@ -152,7 +157,8 @@ export function createOutbox(opts: OutboxOptions): Outbox {
   }
 
   // A claim outlives the slowest attempt in the round, so no other worker takes it meanwhile.
-  const leaseMs = Math.max(...[...sinks.keys()].map((s) => opts.policy(s).deadlineMs)) + 2_000;
+  // `sinks` is the relay's current map: a reload may change it between rounds.
+  const leaseMs = () => Math.max(0, ...[...sinks.keys()].map((s) => opts.policy(s).deadlineMs)) + 2_000;
 
   async function run() {
     let failures = 0;

@@ -13,7 +13,6 @@
 //   everything else goes to Hono;
 // - Hono's routes for the same paths, which is what `app.request()` reaches in tests.
 // test/http.test.ts holds the two to the same bytes for the same requests.
-import { timingSafeEqual } from 'node:crypto';
 import type { IncomingMessage, RequestListener, ServerResponse } from 'node:http';
 import { getRequestListener } from '@hono/node-server';
 import { Hono, type Context } from 'hono';
@@ -21,6 +20,7 @@ import type { Logger } from 'pino';
 import type { Config } from './config.js';
 import { fastNotification, parseBody, PushAckSchema, PushNotificationSchema, shortToken, type PushNotification, type PushResponse } from './contract.js';
 import { replyFor, type Dispatcher } from './dispatch.js';
+import { adminGuard, clientResolver, createGuards, payloadProblem, type ApiAnswer, type ApiRequest, type Caller, type Endpoint, type Guard, type Refusals } from './guards.js';
 import type { Metrics } from './metrics.js';
 import type { Router } from './route.js';
 import { createSignatureCheck } from './signatures.js';
@@ -36,27 +36,11 @@ export type AppDeps = {
   logger: Logger;
   /** The pairing page and its API (src/pairing.ts), mounted at `/`. */
   pairing?: Hono<any>; // eslint-disable-line @typescript-eslint/no-explicit-any -- its own Bindings
+  /** Counts and logs refused requests; shared by every app a reload builds. */
+  refusals: Refusals;
 };
 
-export type Endpoint = 'send_push' | 'ack';
-
-/** One call to the API, whichever entrance it came through. */
-export type ApiRequest = {
-  endpoint: Endpoint;
-  /** The raw Authorization header. */
-  authorization: string | undefined;
-  userAgent: string | undefined;
-  /** The peer's address ('' when there is no socket, as under `app.request`). */
-  remoteAddress: string;
-  /** The raw X-Forwarded-For header (honoured only from trusted proxies). */
-  forwardedFor: string | undefined;
-};
-
-/** What an API call answers: an HTTP status and a contract body (or a plain-text refusal). */
-export type ApiAnswer = { status: number; body: PushResponse | string; headers?: Readonly<Record<string, string>> };
-
-/** A check made on every API call before its body is read; an answer refuses the call. */
-export type Guard = (req: ApiRequest) => ApiAnswer | undefined;
+export type { ApiAnswer, ApiRequest, Endpoint, Guard } from './guards.js';
 
 export type App = Hono & {
   inFlight(): number;
@@ -69,15 +53,16 @@ export type App = Hono & {
 /** The body as text, or undefined when it is over the limit; rejects when the client goes away. */
 type BodyReader = () => Promise<string | undefined>;
 
-export function createApp({ config, sinks, router, dispatcher, metrics, logger, pairing }: AppDeps): App {
+export function createApp({ config, sinks, router, dispatcher, metrics, logger, refusals, pairing }: AppDeps): App {
   const base = config.server.basePath;
   const limit = config.server.bodyLimit;
   const paths = new Map<string, Endpoint>([
     [`${base}/api/v1/send_push`, 'send_push'],
     [`${base}/api/v1/ack`, 'ack'],
   ]);
-  const guards: Guard[] = [];
-  if (config.server.auth) guards.push(basicAuth(config.server.auth, logger));
+  const clientOf = clientResolver(config.server.trustProxy);
+  const guards: Guard[] = createGuards(config.server, { refusals, clientOf });
+  const admin = config.admin.token ? adminGuard(config.admin.token, { refusals, clientOf }) : undefined;
   const ackSinks = sinks.filter((s) => s.ack);
   const checkSignature = createSignatureCheck(config.signatures, metrics.registry);
   let inFlight = 0;
@@ -121,6 +106,14 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger, 
       metrics.reply('FAIL');
       logger.warn({ req: req(), error: parsed.error, ua }, 'rejected an invalid send_push payload');
       return { status: 'FAIL', error: parsed.error };
+    }
+    // Decided before any sink (or the outbox) sees the push: see MAX_DEPTH in guards.ts.
+    const problem = payloadProblem(parsed.value, text);
+    if (problem) {
+      metrics.invalid('send_push', 'invalid_payload');
+      metrics.reply('FAIL');
+      logger.warn({ req: req(), error: problem, ua }, 'rejected a send_push payload over a limit');
+      return { status: 'FAIL', error: problem };
     }
     return deliver(parsed.value, req, ua);
   }
@@ -220,6 +213,31 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger, 
     const ready = Object.values(states).every((s) => s.ready);
     return c.json({ status: ready ? 'ready' : 'not ready', sinks: states }, ready ? 200 : 503);
   });
+  // What Mattermost never calls sits behind admin.token: /admin/... always (absent without a
+  // token), /metrics when admin.metricsAuth.
+  const adminOnly = async (c: Context<{ Bindings: { incoming?: IncomingMessage } }>, next: () => Promise<void>) => {
+    const refused = admin?.(honoCaller(c));
+    if (!admin) return c.text(`not found: ${c.req.method} ${c.req.path}`, 404);
+    if (refused) return c.body(refused.body as string, refused.status as 401, { ...refused.headers });
+    await next();
+  };
+  app.use('/admin/*', adminOnly);
+  if (config.admin.metricsAuth) app.use('/metrics', adminOnly);
+  app.get('/admin/status', (c) =>
+    c.json({
+      version: VERSION,
+      sinks: Object.fromEntries(sinks.map((s) => [s.name, { type: s.type, ...s.state() }])),
+      routes: config.routes?.length ?? 0,
+      inFlight,
+      guards: {
+        allow: config.server.allow?.length ?? 0,
+        trustProxy: config.server.trustProxy?.length ?? 0,
+        rateLimit: config.server.rateLimit ?? null,
+        auth: config.server.auth !== undefined,
+        tls: config.server.tls !== undefined,
+      },
+    }),
+  );
   app.get('/metrics', async (c) => c.body(await metrics.registry.metrics(), 200, { 'Content-Type': metrics.registry.contentType }));
   app.notFound((c) => c.text(`not found: ${c.req.method} ${c.req.path}`, 404));
   app.onError((err, c) => {
@@ -230,7 +248,14 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger, 
   // ---- node:http: the API calls straight from the IncomingMessage ----
 
   const hono = getRequestListener(app.fetch);
+  const maxHeaderLines = 2 * config.server.maxHeaders;
   const listener: RequestListener = (req, res) => {
+    if (req.rawHeaders.length > maxHeaderLines) {
+      // node:http stops collecting past server.maxHeadersCount (set one above ours) without
+      // refusing: we refuse, RFC 6585 §5.
+      res.writeHead(431, { 'Content-Type': 'text/plain; charset=UTF-8', Connection: 'close' });
+      return void res.end(`request header fields too large: more than ${config.server.maxHeaders} header lines`);
+    }
     if (hostCount(req.rawHeaders) > 1) {
       // RFC 9112 §3.2: a request with more than one Host is answered 400. node:http keeps the first.
       res.writeHead(400, { 'Content-Type': 'text/plain; charset=UTF-8', Connection: 'close' });
@@ -269,14 +294,16 @@ function hostCount(raw: string[]): number {
   return n;
 }
 
-function honoRequest(c: Context<{ Bindings: { incoming?: IncomingMessage } }>, endpoint: Endpoint): ApiRequest {
+function honoCaller(c: Context<{ Bindings: { incoming?: IncomingMessage } }>): Caller {
   return {
-    endpoint,
     authorization: c.req.header('authorization'),
-    userAgent: c.req.header('user-agent'),
     remoteAddress: c.env?.incoming?.socket.remoteAddress ?? '',
     forwardedFor: c.req.header('x-forwarded-for'),
   };
+}
+
+function honoRequest(c: Context<{ Bindings: { incoming?: IncomingMessage } }>, endpoint: Endpoint): ApiRequest {
+  return { ...honoCaller(c), endpoint, userAgent: c.req.header('user-agent') };
 }
 
 /** The body as UTF-8 text, or undefined once it passes `limit` bytes (declared or sent). */
@@ -327,23 +354,4 @@ function send(res: ServerResponse, answer: ApiAnswer) {
   const reply = toReply(answer);
   res.writeHead(reply.status, { 'Content-Type': reply.type, 'Content-Length': Buffer.byteLength(reply.body), ...reply.headers });
   res.end(reply.body);
-}
-
-/**
- * Mattermost sends `Authorization: Basic` when its push server URL carries userinfo
- * (`https://user:pass@relay/`, contract §1.1): that is the one credential it can present.
- */
-function basicAuth(auth: { username: string; password: string }, logger: Logger): Guard {
-  const expected = Buffer.from(`Basic ${Buffer.from(`${auth.username}:${auth.password}`).toString('base64')}`);
-  const refused: ApiAnswer = {
-    status: 401,
-    body: "unauthorized: put user:password in Mattermost's push notification server URL",
-    headers: { 'WWW-Authenticate': 'Basic realm="push-relay"' },
-  };
-  return (req) => {
-    const got = Buffer.from(req.authorization ?? '');
-    if (got.length === expected.length && timingSafeEqual(got, expected)) return undefined;
-    logger.warn({ endpoint: req.endpoint }, 'rejected a request without valid credentials (server.auth)');
-    return refused;
-  };
 }
