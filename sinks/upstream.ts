@@ -7,6 +7,7 @@
 // outbox has lost those bytes and goes as the relay's JSON of it (same fields, defaults filled).
 // The request is shaped like Mattermost's own (contract §1.1): POST, no Content-Type,
 // User-Agent Mattermost-Bot/1.1, Basic auth from the URL's userinfo, HTTP/1.1 keep-alive.
+import { retryAfter } from './retry-after.js';
 import { Agent as HttpAgent, request as httpRequest, type IncomingMessage } from 'node:http';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { connect as netConnect, type Socket } from 'node:net';
@@ -69,8 +70,6 @@ const DELIVERED: Outcome = { kind: 'delivered' };
 const READY: SinkState = { ready: true, state: 'ready' };
 /** A reply larger than this is not a push proxy's answer (theirs are ~20 bytes). */
 const MAX_REPLY_BYTES = 64 * 1024;
-/** Retry-After is honoured up to this; beyond it the outbox's ttl decides anyway. */
-const MAX_RETRY_AFTER_MS = 3_600_000;
 /**
  * Idle pooled connections are closed after this. Shorter than Node's http.Server default
  * keep-alive (5 s) and Go's (the official proxy: its 60 s ReadTimeout), so we close an idle
@@ -311,14 +310,6 @@ function pushResponse(text: string): { status?: string; error?: string } | undef
   return v as { status?: string; error?: string };
 }
 
-/** RFC 9110 §10.2.3: delay-seconds or an HTTP-date; capped. */
-export function retryAfter(header: string | string[] | undefined): number | undefined {
-  const h = Array.isArray(header) ? header[0] : header;
-  if (!h) return undefined;
-  const ms = /^\s*\d+\s*$/.test(h) ? Number(h) * 1000 : Date.parse(h) - Date.now();
-  if (!Number.isFinite(ms)) return undefined;
-  return Math.min(MAX_RETRY_AFTER_MS, Math.max(0, ms));
-}
 
 /**
  * HTTPS_PROXY (or https_proxy) unless NO_PROXY covers the host, as Go's ProxyFromEnvironment

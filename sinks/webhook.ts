@@ -7,6 +7,7 @@
 // `allowPrivateEndpoints`), the agents' lookup refuses private addresses at connect time
 // (DNS rebinding), and redirects are never followed (node:http does not follow them; a 3xx
 // is reported with its Location).
+import { retryAfter } from './retry-after.js';
 import { readFileSync } from 'node:fs';
 import { Agent as HttpAgent, request as httpRequest, type IncomingHttpHeaders } from 'node:http';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
@@ -100,13 +101,6 @@ export function networkOutcome(err: NodeJS.ErrnoException): Outcome {
   return { kind: 'retryable', reason: 'connection_failed', detail };
 }
 
-/** Retry-After as delay-seconds or an HTTP-date (RFC 9110 §10.2.3), capped at an hour. */
-function retryAfter(v: string | string[] | undefined): number | undefined {
-  const s = Array.isArray(v) ? v[0] : v;
-  if (!s) return undefined;
-  const ms = /^\s*\d+\s*$/.test(s) ? Number(s) * 1000 : Date.parse(s) - Date.now();
-  return Number.isFinite(ms) ? Math.min(3_600_000, Math.max(0, ms)) : undefined;
-}
 
 const DELIVERED: Outcome = { kind: 'delivered' };
 const NOTHING_TO_SHOW: Outcome = { kind: 'skipped', reason: 'nothing_to_show' };

@@ -7,6 +7,7 @@
 // The subscription endpoint comes from a browser, so it is a URL a user chose: it must be
 // https and resolve to a public address (src/egress.ts), checked before the post and again
 // where the connection is made; redirects are never followed (https.request does not).
+import { retryAfter } from './retry-after.js';
 import https from 'node:https';
 import net from 'node:net';
 import type { PushSubscription, Urgency } from 'web-push';
@@ -218,7 +219,7 @@ const createWebPushSink: SinkFactory<WebPushSinkConfig> = (name, config, { logge
       case 'gone':
         return { kind: 'gone', sub, reason: verdict.reason, detail: said };
       case 'retryable': {
-        const retryAfterMs = parseRetryAfter(err.headers['retry-after']);
+        const retryAfterMs = retryAfter(err.headers['retry-after']);
         return { kind: 'retryable', sub, reason: verdict.reason, detail: said, ...(retryAfterMs !== undefined ? { retryAfterMs } : {}) };
       }
       case 'too-large':
@@ -338,14 +339,6 @@ function bodyHint(body: string | undefined): string {
   return text ? ` (${text})` : '';
 }
 
-/** Retry-After: seconds or an HTTP date (RFC 9110 §10.2.3). */
-export function parseRetryAfter(value: string | string[] | undefined): number | undefined {
-  const v = Array.isArray(value) ? value[0] : value;
-  if (!v) return undefined;
-  if (/^\s*\d+\s*$/.test(v)) return Number(v) * 1000;
-  const at = Date.parse(v);
-  return Number.isNaN(at) ? undefined : Math.max(0, at - Date.now());
-}
 
 /**
  * Topic (RFC 8030 §5.4): a push still waiting at the push service is replaced by a newer one

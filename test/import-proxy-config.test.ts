@@ -37,7 +37,8 @@ describe('push-relay import-proxy-config', () => {
     const { code, stderr, config } = await importFile(SAMPLE);
     expect(stderr).not.toMatch(/cannot translate/);
     expect(code).toBe(0);
-    expect(config.server).toEqual({ host: '127.0.0.1', port: 8066 });
+    // ThrottlePerSec becomes server.rateLimit (the official proxy's throttle is per client, too).
+    expect(config.server).toEqual({ host: '127.0.0.1', port: 8066, rateLimit: { perSecond: 500, burst: 500 } });
     expect(config.log).toEqual({ format: 'json' });
     expect(config.sinks).toEqual({
       // .p8 token auth, production

@@ -2,7 +2,7 @@
 // running relay: what Mattermost gets back for each answer the upstream gives, what the
 // upstream receives (the very bytes Mattermost posted), acks, and pooled connections.
 import { describe, expect, it } from 'vitest';
-import { retryAfter } from '../sinks/upstream.js';
+import { retryAfter } from '../sinks/retry-after.js';
 import { post } from './helpers/http.js';
 import { payload } from './helpers/payloads.js';
 import { spawnRelay, startTestRelay } from './helpers/relay.js';

@@ -13,7 +13,8 @@ import webPush from 'web-push';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createDeviceRegistry, type Device, type DeviceRegistry, type NewDevice } from '../src/devices.js';
 import { openStore, type Store } from '../src/store/index.js';
-import { MAX_ENCRYPTED, MAX_PLAINTEXT, RECORD_OVERHEAD, parseRetryAfter, payloadBuilder } from '../sinks/webpush.js';
+import { retryAfter } from '../sinks/retry-after.js';
+import { MAX_ENCRYPTED, MAX_PLAINTEXT, RECORD_OVERHEAD, payloadBuilder } from '../sinks/webpush.js';
 import type { PushNotification } from '../src/contract.js';
 import { get, post } from './helpers/http.js';
 import { freePort } from './helpers/ports.js';
@@ -176,11 +177,11 @@ describe('the payload cut (sinks/webpush.ts payloadBuilder)', () => {
   });
 
   it('reads Retry-After as seconds or as an HTTP date', () => {
-    expect(parseRetryAfter('7')).toBe(7000);
-    const at = parseRetryAfter(new Date(Date.now() + 30_000).toUTCString()) as number;
+    expect(retryAfter('7')).toBe(7000);
+    const at = retryAfter(new Date(Date.now() + 30_000).toUTCString()) as number;
     expect(at).toBeGreaterThan(28_000);
     expect(at).toBeLessThanOrEqual(30_000);
-    expect(parseRetryAfter('soon')).toBeUndefined();
+    expect(retryAfter('soon')).toBeUndefined();
   });
 });
 
