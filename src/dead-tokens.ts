@@ -14,11 +14,27 @@ export type DeadTokens = {
 /** Remembered for at most this long: long enough for the next push, short of a token reused. */
 const KEEP_MS = 7 * 24 * 3_600_000;
 
-export function createDeadTokens(kv: KeyValue): DeadTokens {
+/**
+ * `shared`: other instances write to the same store (PostgreSQL), so every push asks it.
+ * Otherwise this process is the only writer and keeps the keys in memory too: the common case,
+ * a token nobody remembered, then costs no store read per push to a per-device sink.
+ */
+export function createDeadTokens(kv: KeyValue, { shared = false }: { shared?: boolean } = {}): DeadTokens {
   const key = (sink: string, token: string) => `${sink}\u0000${token}`;
+  const known = new Set<string>();
+  const loaded = shared ? undefined : kv.list().then((rows) => rows.forEach(([k]) => known.add(k)));
   return {
-    remember: (sink, token) => kv.set(key(sink, token), String(Date.now())),
+    async remember(sink, token) {
+      await loaded;
+      known.add(key(sink, token));
+      await kv.set(key(sink, token), String(Date.now()));
+    },
     async take(sink, token) {
+      if (loaded) {
+        await loaded;
+        if (!known.has(key(sink, token))) return false;
+        known.delete(key(sink, token));
+      }
       const at = await kv.get(key(sink, token));
       if (at === undefined) return false;
       await kv.delete(key(sink, token));

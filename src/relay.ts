@@ -106,7 +106,7 @@ async function assemble(config: Config, logger: Logger, store: Store | undefined
   const sinkList = [...sinks.values()];
   const metrics = createMetrics(sinkList, store, registry);
   const refusals = createRefusals(registry, logger);
-  const deadTokens = createDeadTokens(kv('dead-tokens'));
+  const deadTokens = createDeadTokens(kv('dead-tokens'), { shared: store?.kind === 'postgres' });
   const dedup = createDedup(config.delivery.dedupWindow, store?.dedup);
   let policies = new Map<string, ReturnType<typeof sinkPolicy>>();
   let current!: Generation;

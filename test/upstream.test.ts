@@ -163,6 +163,26 @@ describe('the upstream sink with an outbox', () => {
     await upstream.close();
   });
 
+  it('remembers a token the upstream calls dead during a background retry, and answers REMOVE to the next push to it', async () => {
+    // Mattermost learns of a dead token only from a REMOVE reply (contract §3.2.4); the first
+    // push's reply (OK, queued) went out before the retry found it dead.
+    const upstream = await startUpstream();
+    let calls = 0;
+    upstream.answer(() => (++calls === 1 ? { status: 500, body: 'busy' } : { body: '{"status":"REMOVE"}' }));
+    const relay = await relayTo(upstream, {}, withOutbox());
+    expect((await post(`${relay.url}${SEND}`, push())).json).toEqual({ status: 'OK' });
+    await until('the retry to meet REMOVE', () => calls === 2, { timeoutMs: 5000 });
+    await sleep(200); // the outbox writes the dead token down after the answer
+    expect((await post(`${relay.url}${SEND}`, push())).json).toEqual({ status: 'REMOVE' });
+    expect(calls).toBe(2); // answered from memory, without asking the upstream
+    // Said once: Mattermost forgets the device on REMOVE, and a token that comes back is tried.
+    upstream.answer(() => (++calls, { body: '{"status":"OK"}' }));
+    expect((await post(`${relay.url}${SEND}`, push())).json).toEqual({ status: 'OK' });
+    expect(calls).toBe(3);
+    await relay.stop();
+    await upstream.close();
+  });
+
   it('answers REMOVE and keeps nothing in the outbox when the upstream says REMOVE', async () => {
     const upstream = await startUpstream();
     upstream.answer(() => ({ body: '{"status":"REMOVE"}' }));
