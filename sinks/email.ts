@@ -3,7 +3,7 @@
 // this relay paired, the address of the Mattermost account it was paired with (set by the
 // pairing page only, never typed in by the person). A broadcast sink: it never reports
 // dead-token, so it never makes Mattermost forget a device.
-import { readFileSync } from 'node:fs';
+import { readTlsCa } from './tls-ca.js';
 import { randomUUID } from 'node:crypto';
 import nodemailer from 'nodemailer';
 import { z } from 'zod';
@@ -106,14 +106,7 @@ const createEmailSink: SinkFactory<EmailSinkConfig> = (name, config, ctx) => {
   const secure = smtp.protocol === 'smtps:';
   const user = config.username ?? decodeURIComponent(smtp.username);
   const pass = config.password ?? decodeURIComponent(smtp.password);
-  let ca: Buffer | undefined;
-  if (config.tls?.ca) {
-    try {
-      ca = readFileSync(config.tls.ca);
-    } catch (err) {
-      throw new Error(`sink ${name}: cannot read tls.ca ${config.tls.ca}: ${(err as Error).message}`);
-    }
-  }
+  const ca = readTlsCa(name, config.tls?.ca);
   const shown = `${smtp.protocol}//${smtp.hostname}:${smtp.port || (secure ? 465 : 587)}`;
   const transport = nodemailer.createTransport({
     pool: true,

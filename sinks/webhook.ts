@@ -7,8 +7,8 @@
 // `allowPrivateEndpoints`), the agents' lookup refuses private addresses at connect time
 // (DNS rebinding), and redirects are never followed (node:http does not follow them; a 3xx
 // is reported with its Location).
+import { readTlsCa } from './tls-ca.js';
 import { retryAfter } from './retry-after.js';
-import { readFileSync } from 'node:fs';
 import { Agent as HttpAgent, request as httpRequest, type IncomingHttpHeaders } from 'node:http';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { z } from 'zod';
@@ -151,14 +151,7 @@ const createWebhookSink: SinkFactory<WebhookSinkConfig> = (name, config, ctx) =>
   const escape = config.escape === 'json' ? (s: string) => JSON.stringify(s).slice(1, -1) : undefined;
   const templateOf = config.template ? compileTemplate(config.template, escape) : undefined;
   const allow = config.allowPrivateEndpoints;
-  let ca: Buffer | undefined;
-  if (config.tls?.ca) {
-    try {
-      ca = readFileSync(config.tls.ca);
-    } catch (err) {
-      throw new Error(`sink ${name}: cannot read tls.ca ${config.tls.ca}: ${(err as Error).message}`);
-    }
-  }
+  const ca = readTlsCa(name, config.tls?.ca);
   // One pair of keep-alive agents per sink; their lookup refuses private addresses at connect.
   const lookup = guardedLookup(allow);
   const agents = {

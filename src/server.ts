@@ -100,21 +100,17 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger, 
   function sendPush(text: string, ua: string | undefined): PushResponse | Promise<PushResponse> {
     const id = ++seq;
     const req = () => `${pid}-${id.toString(36)}`;
-    const parsed = parseBody(PushNotificationSchema, text, fastNotification);
-    if (!parsed.ok) {
+    const refuse = (error: string, msg: string): PushResponse => {
       metrics.invalid('send_push', 'invalid_payload');
       metrics.reply('FAIL');
-      logger.warn({ req: req(), error: parsed.error, ua }, 'rejected an invalid send_push payload');
-      return { status: 'FAIL', error: parsed.error };
-    }
+      logger.warn({ req: req(), error, ua }, msg);
+      return { status: 'FAIL', error };
+    };
+    const parsed = parseBody(PushNotificationSchema, text, fastNotification);
+    if (!parsed.ok) return refuse(parsed.error, 'rejected an invalid send_push payload');
     // Decided before any sink (or the outbox) sees the push: see MAX_DEPTH in guards.ts.
     const problem = payloadProblem(parsed.value, text);
-    if (problem) {
-      metrics.invalid('send_push', 'invalid_payload');
-      metrics.reply('FAIL');
-      logger.warn({ req: req(), error: problem, ua }, 'rejected a send_push payload over a limit');
-      return { status: 'FAIL', error: problem };
-    }
+    if (problem) return refuse(problem, 'rejected a send_push payload over a limit');
     return deliver(parsed.value, req, ua);
   }
 

@@ -167,7 +167,7 @@ describe.skipIf(!postgres)('two relay instances on one PostgreSQL', () => {
     const a = await startTestRelay(config);
     const b = await startTestRelay(config);
     const sub = service.subscribe();
-    const added = await runCli(['devices', 'add', '--webpush', writeSubscription(sub.json), '--label', 'shared', '--config', writeConfig(config)]);
+    const added = await runCli(['devices', 'add', '--webpush', writeSubscription(sub.json), '--label', 'on-both-relays', '--config', writeConfig(config)]);
     expect(added.code).toBe(0);
     const token = (added.stdout.trim().split('\n').at(-1) as string).replace('android_rn-v2:', '');
 
