@@ -107,12 +107,17 @@ async function closeTagged(tag) {
   for (const n of shown) n.close();
 }
 
-/** Badging API (Chromium desktop apps, Safari home-screen apps); elsewhere nothing to do. */
+/**
+ * Badging API (Chromium desktop apps, Safari home-screen apps); elsewhere nothing to do.
+ * Bounded: where the browser has no app to badge, its promise may never settle, and a push
+ * event that never finishes holds up the pushes after it.
+ */
 async function setBadge(count) {
   const nav = self.navigator;
+  const bounded = (p) => Promise.race([p, new Promise((resolve) => setTimeout(resolve, 1000))]);
   try {
-    if (count > 0 && nav.setAppBadge) await nav.setAppBadge(count);
-    else if (count <= 0 && nav.clearAppBadge) await nav.clearAppBadge();
+    if (count > 0 && nav.setAppBadge) await bounded(nav.setAppBadge(count));
+    else if (count <= 0 && nav.clearAppBadge) await bounded(nav.clearAppBadge());
   } catch (_) {
     /* not allowed here (no installed app): the badge is optional */
   }
