@@ -5,6 +5,7 @@
 // notification costs changes little when another process takes the other core.
 //
 //   node bench/cpu.mjs [--prof] [--seconds 10] [--relay DIR]   (DIR: another checkout, built)
+//   node bench/cpu.mjs --naive [--prof]                         (bench/naive.mjs instead, same load)
 //
 // Needs /usr/sbin/mosquitto and /usr/bin/wrk. Everything binds 127.0.0.1 on free ports; temp
 // files go to os.tmpdir(). Prints one line "µs per notification" and, with --prof, the top
@@ -25,6 +26,7 @@ const opt = (name, d) => {
 const PROF = args.includes('--prof');
 const SECONDS = Math.min(120, Math.max(2, Number(opt('--seconds', 10))));
 const RELAY_DIR = resolve(opt('--relay', ROOT));
+const NAIVE = args.includes('--naive');
 const tmp = mkdtempSync(join(tmpdir(), 'push-relay-cpu-'));
 const children = [];
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -68,7 +70,8 @@ async function main() {
   writeFileSync(join(tmp, 'mosquitto.conf'), `listener ${mqttPort} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\n`);
   run('/usr/sbin/mosquitto', ['-c', join(tmp, 'mosquitto.conf')]);
   await sleep(300);
-  const nodeArgs = ['--max-semi-space-size=8', ...(PROF ? ['--cpu-prof', '--cpu-prof-dir', tmp] : []), join(RELAY_DIR, 'dist/src/cli.js'), 'serve'];
+  const server = NAIVE ? [join(ROOT, 'bench/naive.mjs'), '127.0.0.1', String(httpPort), String(mqttPort)] : [join(RELAY_DIR, 'dist/src/cli.js'), 'serve'];
+  const nodeArgs = [...(NAIVE ? [] : ['--max-semi-space-size=8']), ...(PROF ? ['--cpu-prof', '--cpu-prof-dir', tmp] : []), ...server];
   const relay = run(process.execPath, nodeArgs, {
     cwd: tmp,
     env: {
@@ -82,7 +85,7 @@ async function main() {
   });
   await until('the relay to listen', async () => {
     try {
-      return (await fetch(`http://127.0.0.1:${httpPort}/healthz`)).ok;
+      return (await fetch(`http://127.0.0.1:${httpPort}/${NAIVE ? '_published' : 'healthz'}`)).ok;
     } catch {
       return false;
     }
@@ -102,7 +105,7 @@ async function main() {
   const result = JSON.parse(/BENCH_RESULT (\{.*\})/.exec(load.output())[1]);
   const perSecond = result.ok / (result.duration_us / 1e6);
   console.log(
-    `${relative(process.cwd(), RELAY_DIR) || '.'}: ${Math.round(perSecond)} OK/s, relay cpu ${((cpu / SECONDS) * 100).toFixed(0)}%, ` +
+    `${NAIVE ? 'naive' : relative(process.cwd(), RELAY_DIR) || '.'}: ${Math.round(perSecond)} OK/s, relay cpu ${((cpu / SECONDS) * 100).toFixed(0)}%, ` +
       `${((cpu * 1e6) / result.ok).toFixed(1)} µs per notification (${result.ok} OK, ${result.bad_status + result.bad_body} not OK)`,
   );
   relay.child.kill('SIGINT');
