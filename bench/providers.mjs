@@ -3,15 +3,17 @@
 // fakes of the two providers, at 64 concurrent requests (Mattermost sends with up to NumCPU x 8
 // connections, contract §4.1), beside the same fakes driven directly, in one run.
 //
-//   fcm-direct   wrk -c64 straight at the FCM fake (HTTPS, HTTP/1.1 keep-alive, as firebase-admin's send() talks)
-//   fcm-relay    wrk -c64 with bench/post.lua (sample 01) at the relay, whose fcm sink posts to the fake
+//   fcm-direct   wrk -c64 straight at the FCM fake (HTTPS, HTTP/1.1 keep-alive: wrk has no HTTP/2)
+//   fcm-relay    wrk -c64 with bench/post.lua (sample 01) at the relay, whose fcm sink posts to the fake over HTTP/2
 //   apns-direct  a node:http2 client here, 64 streams in flight on one session (wrk has no HTTP/2)
 //   apns-relay   wrk -c64 with bench/post.lua (sample 02) at the relay, whose apns sink posts to the fake
 //
 // "p99 added by the relay" is relay p99 minus direct p99. Rounds are interleaved; a figure is
-// the median over BENCH_ROUNDS. Then firebase-admin's send() per message is measured against
-// sendEach() (batches of 64, the legacy HTTP/1.1 transport: sendEach's default HTTP/2 client
-// dials fcm.googleapis.com itself and ignores httpAgent, so it cannot be pointed at a fake).
+// the median over BENCH_ROUNDS. Then, for reference, firebase-admin's own messaging client
+// alone against the fake (what the sink used before it sent over its own HTTP/2 connection):
+// send() per message, and sendEach() in batches of 64 on the legacy HTTP/1.1 transport
+// (sendEach's default HTTP/2 client dials fcm.googleapis.com itself and ignores httpAgent, so it
+// cannot be pointed at a fake).
 //
 // The fakes run in a child process (this file with BENCH_ROLE=fakes). The relay is
 // `node dist/src/cli.js serve` with this file preloaded as BENCH_ROLE=seam: that calls the sinks'
@@ -25,7 +27,7 @@ import { spawn, execFileSync } from 'node:child_process';
 import { generateKeyPairSync, verify } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { connect as http2Connect, createSecureServer } from 'node:http2';
-import { Agent, createServer as createHttpsServer } from 'node:https';
+import { Agent } from 'node:https';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
@@ -50,7 +52,8 @@ async function runFakes() {
   const key = readFileSync(process.env.BENCH_KEY);
   const publicKey = readFileSync(process.env.BENCH_APNS_PUB);
   let n = 0;
-  const fcm = createHttpsServer({ cert, key, keepAliveTimeout: 120_000 }, (req, res) => {
+  // HTTP/2 for the relay's sink, HTTP/1.1 for wrk and firebase-admin's legacy transport.
+  const fcm = createSecureServer({ cert, key, allowHTTP1: true, settings: { maxConcurrentStreams: 1000 } }, (req, res) => {
     const chunks = [];
     req.on('data', (c) => chunks.push(c));
     req.on('end', () => {
@@ -65,6 +68,7 @@ async function runFakes() {
       res.end(body);
     });
   });
+  fcm.on('session', (s) => s.on('error', () => {}));
   // Verifying every provider token costs what Apple spends, not what a relay does: each distinct
   // token is verified once (it changes every 50 minutes).
   const verified = new Set();

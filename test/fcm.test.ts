@@ -1,6 +1,7 @@
-// The FCM sink end to end: Mattermost's POST -> the relay -> firebase-admin -> a local HTTPS
-// fake of FCM's v1 API (test/helpers/fcm-fake.ts), reached through firebase-admin's public
-// options only (the sink's httpAgent, whose connections go to the fake; a credential object).
+// The FCM sink end to end: Mattermost's POST -> the relay -> HTTP/2 -> a local fake of FCM's
+// v1 API (test/helpers/fcm-fake.ts), reached through the sinks' public seams only
+// (useProviderConnection: where connections go; useFirebaseCredential: firebase-admin's
+// credential object). The last describe runs the real firebase-admin credential through a proxy.
 // What is asserted is what the provider receives and what Mattermost is answered.
 import { generateKeyPairSync } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -80,6 +81,7 @@ describe('FCM sink: the request body is the one the official proxy sends', () =>
       expect(req.path).toBe(`/v1/projects/${PROJECT}/messages:send`);
       expect(req.host).toBe('fcm.googleapis.com');
       expect(req.headers.authorization).toBe('Bearer fake-access-token');
+      expect(req.httpVersion).toBe('2.0');
       expect(req.body).toEqual(JSON.parse(readFileSync(join(GOLDEN, p.name), 'utf8')));
     });
   }
@@ -128,7 +130,7 @@ describe('FCM sink: the error table (contract §5.3), one reply per row', () => 
       { status: 'FAIL', error: /Auth error from APNS/ }],
     ['an unknown error code', fcmError(400, 'FAILED_PRECONDITION', 'Something new', 'SOMETHING_NEW'), { status: 'FAIL', error: /android: FCM: Something new/ }],
     // Without an outbox (store: none) a retryable failure can only be reported: FAIL naming it.
-    ['UNAVAILABLE (firebase-admin gives up at once on a Retry-After beyond its 60 s cap)',
+    ['UNAVAILABLE',
       { ...fcmError(503, 'UNAVAILABLE', 'The service is currently unavailable.', 'UNAVAILABLE'), headers: { 'retry-after': '120' } },
       { status: 'FAIL', error: /android: FCM: The service is currently unavailable/ }],
     ['INTERNAL', fcmError(500, 'INTERNAL', 'Internal error encountered.', 'INTERNAL'), { status: 'FAIL', error: /Internal error encountered/ }],
@@ -191,7 +193,7 @@ describe('FCM sink: retryable answers go to the outbox and are delivered once', 
   for (const [row, reply] of [
     ['INTERNAL', fcmError(500, 'INTERNAL', 'Internal error encountered.', 'INTERNAL')],
     ['QUOTA_EXCEEDED', fcmError(429, 'RESOURCE_EXHAUSTED', 'Quota exceeded for sending messages.', 'QUOTA_EXCEEDED')],
-    ['UNAVAILABLE', { ...fcmError(503, 'UNAVAILABLE', 'The service is currently unavailable.', 'UNAVAILABLE'), headers: { 'retry-after': '120' } }],
+    ['UNAVAILABLE', fcmError(503, 'UNAVAILABLE', 'The service is currently unavailable.', 'UNAVAILABLE')],
   ] as const) {
     it(`queues the push when FCM says ${row}, answers OK, and the outbox delivers it once`, async () => {
       const { seen, delivered } = failFirst(1, reply);
@@ -205,31 +207,78 @@ describe('FCM sink: retryable answers go to the outbox and are delivered once', 
     });
   }
 
-  it('delivers once a push whose first two tries get 503 (firebase-admin retries within the deadline)', async () => {
+  it("waits as long as FCM's Retry-After asks before trying again", async () => {
+    const { seen, delivered } = failFirst(1, { ...fcmError(503, 'UNAVAILABLE', 'The service is currently unavailable.', 'UNAVAILABLE'), headers: { 'retry-after': '1' } });
+    const ack = 'retryafter1s00000000000000';
+    const got = await sendPush(url, messagePush({ ack_id: ack }));
+    expect(got.json).toEqual({ status: 'OK' });
+    const asked = fake.sends.at(-1)!.at;
+    await until(`the outbox to deliver ${ack}`, () => delivered.get(ack) === 1, { timeoutMs: 5000 });
+    const retried = fake.sends.at(-1)!;
+    expect(ackOf(retried)).toBe(ack);
+    // Not the outbox's 50 ms: FCM's second.
+    expect(retried.at - asked).toBeGreaterThanOrEqual(950);
+    expect(seen.get(ack)).toBe(2);
+  });
+
+  it('delivers once a push whose first two tries get 503: OK at once, then the outbox retries', async () => {
     const { seen, delivered } = failFirst(2, fcmError(503, 'UNAVAILABLE', 'The service is currently unavailable.', 'UNAVAILABLE'));
     const ack = 'retry503then200000000000000'.slice(0, 26);
     const started = Date.now();
     const got = await sendPush(url, messagePush({ ack_id: ack }));
     expect(got.json).toEqual({ status: 'OK' });
-    // firebase-admin's back-off: at once, then 1 s: the third try succeeds within the 3 s deadline.
-    expect(Date.now() - started).toBeLessThan(3000);
-    expect(delivered.get(ack)).toBe(1);
-    await sleep(500);
+    // The reply does not wait for the retries (firebase-admin's own took up to ~7 s).
+    expect(Date.now() - started).toBeLessThan(1000);
+    await until(`the outbox to deliver ${ack}`, () => delivered.get(ack) === 1, { timeoutMs: 5000 });
+    await sleep(300);
     expect(seen.get(ack)).toBe(3);
     expect(delivered.get(ack)).toBe(1);
   });
 });
 
-describe("FCM sink: firebase-admin's own 503 retries do not overrun the delivery deadline", () => {
-  it('answers at the deadline while FCM keeps answering 503', async () => {
+describe('FCM sink: a provider that never answers', () => {
+  it('answers FAIL at the delivery deadline, naming it', async () => {
     const { url } = await startTestRelay({ sinks: fcmSink({ deadline: '1s' }) });
-    fake.respond(() => fcmError(503, 'UNAVAILABLE', 'The service is currently unavailable.', 'UNAVAILABLE'));
+    fake.respond(() => new Promise<FcmReply>(() => {}));
     const started = Date.now();
-    const got = await sendPush(url, messagePush({ ack_id: 'deadline503000000000000000' }));
+    const got = await sendPush(url, messagePush({ ack_id: 'deadlinenever0000000000000' }));
     const took = Date.now() - started;
-    expect(got.json).toMatchObject({ status: 'FAIL', error: expect.stringMatching(/no answer within 1000 ms/) });
+    expect(got.json).toMatchObject({ status: 'FAIL', error: expect.stringMatching(/android: no answer within 1000 ms/) });
     expect(took).toBeGreaterThanOrEqual(950);
     expect(took).toBeLessThan(2000);
+  });
+});
+
+describe('FCM sink: the access token', () => {
+  it('renews the token once FCM refuses it (401 UNAUTHENTICATED) and sends the push again with the new one', async () => {
+    let issued = 0;
+    useFirebaseCredential({ getAccessToken: async () => ({ access_token: `renewed-token-${++issued}`, expires_in: 3600 }) });
+    try {
+      const { url } = await startTestRelay({ sinks: fcmSink() });
+      expect(issued).toBe(1);
+      fake.respond((r, n) => (r.headers.authorization === 'Bearer renewed-token-1' ? fcmError(401, 'UNAUTHENTICATED', 'Request had invalid authentication credentials.') : ok(r, n)));
+      const got = await sendPush(url, messagePush({ ack_id: 'tokenrenewal00000000000000' }));
+      expect(got.json).toEqual({ status: 'OK' });
+      expect(fake.sends.map((r) => r.headers.authorization)).toEqual(['Bearer renewed-token-1', 'Bearer renewed-token-2']);
+      // Kept for the next push: no request to Google per push.
+      await sendPush(url, messagePush({ ack_id: 'tokenkept00000000000000000' }));
+      expect(issued).toBe(2);
+      expect(fake.sends.at(-1)!.headers.authorization).toBe('Bearer renewed-token-2');
+    } finally {
+      useFirebaseCredential({ getAccessToken: async () => ({ access_token: 'fake-access-token', expires_in: 3600 }) });
+    }
+  });
+
+  it('answers FAIL naming the credential when no token can be had (store: none)', async () => {
+    useFirebaseCredential({ getAccessToken: () => Promise.reject(new Error('invalid_grant: account not found')) });
+    try {
+      const { url } = await startTestRelay({ sinks: fcmSink() });
+      const got = await sendPush(url, messagePush({ ack_id: 'tokenmissing00000000000000' }));
+      expect(got.json).toMatchObject({ status: 'FAIL', error: expect.stringMatching(/android: FCM: cannot get an access token: invalid_grant: account not found/) });
+      expect(fake.sends).toHaveLength(0);
+    } finally {
+      useFirebaseCredential({ getAccessToken: async () => ({ access_token: 'fake-access-token', expires_in: 3600 }) });
+    }
   });
 });
 

@@ -1,11 +1,11 @@
 // A local fake of FCM's HTTP v1 API (POST /v1/projects/{project}/messages:send) and of
-// Google's OAuth token endpoint (POST /token), over HTTPS with a certificate for the real host
-// names, on 127.0.0.1 and a random port. firebase-admin reaches it through its public
-// `httpAgent` (the sink's agent, whose connections `dial` below opens) and a credential object:
-// no monkey-patching (see the FCM notes in the README). Error bodies are FCM's documented shape
+// Google's OAuth token endpoint (POST /token), over TLS with a certificate for the real host
+// names, on 127.0.0.1 and a random port; HTTP/2 as fcm.googleapis.com speaks it (the sink's
+// messages), and HTTP/1.1 (firebase-admin's token requests, through its public `httpAgent`).
+// Every connection the sink opens goes through `dial` below (sinks/provider-net.ts's seam): no
+// monkey-patching (see the FCM notes in the README). Error bodies are FCM's documented shape
 // (https://firebase.google.com/docs/reference/fcm/rest/v1/ErrorCode).
-import { createServer, type Server } from 'node:https';
-import type { IncomingHttpHeaders } from 'node:http';
+import { createSecureServer, type Http2SecureServer, type Http2ServerRequest, type Http2ServerResponse, type IncomingHttpHeaders } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { connect as tlsConnect } from 'node:tls';
 import type { Dial } from '../../sinks/provider-net.js';
@@ -14,7 +14,7 @@ import { testCertificate, type TestCertificate } from './tls.js';
 export const FCM_HOST = 'fcm.googleapis.com';
 export const OAUTH_HOST = 'oauth2.googleapis.com';
 
-export type FcmRequest = { method: string; path: string; host: string; headers: IncomingHttpHeaders; body: unknown; at: number };
+export type FcmRequest = { method: string; path: string; host: string; headers: IncomingHttpHeaders; body: unknown; at: number; httpVersion: string };
 export type FcmReply = { status: number; body: unknown; headers?: Record<string, string> };
 export type FcmResponder = (req: FcmRequest, nth: number) => FcmReply | Promise<FcmReply>;
 
@@ -25,7 +25,7 @@ export type FcmFake = {
   sends: FcmRequest[];
   /** Token requests (OAuth). */
   tokens: FcmRequest[];
-  /** TLS connections accepted so far (keep-alive reuse shows as few). */
+  /** TLS connections accepted so far (reuse shows as few). */
   connections(): number;
   /** How the next messages:send is answered (default: 200 with a message name). */
   respond(fn: FcmResponder | undefined): void;
@@ -60,7 +60,7 @@ export async function startFcmFake(): Promise<FcmFake> {
   const tokens: FcmRequest[] = [];
   let responder: FcmResponder = ok;
   let issued = 0;
-  const server: Server = createServer({ cert: tls.cert, key: tls.key, keepAliveTimeout: 60_000 }, (req, res) => {
+  const server: Http2SecureServer = createSecureServer({ cert: tls.cert, key: tls.key, allowHTTP1: true }, (req: Http2ServerRequest, res: Http2ServerResponse) => {
     const chunks: Buffer[] = [];
     req.on('data', (c: Buffer) => chunks.push(c));
     req.on('end', () => {
@@ -71,7 +71,8 @@ export async function startFcmFake(): Promise<FcmFake> {
       } catch {
         // the token endpoint gets a form body
       }
-      const r: FcmRequest = { method: req.method ?? '', path: req.url ?? '', host: req.headers.host ?? '', headers: req.headers, body, at: Date.now() };
+      const host = req.headers[':authority'] ?? req.headers.host ?? '';
+      const r: FcmRequest = { method: req.method ?? '', path: req.url ?? '', host, headers: req.headers, body, at: Date.now(), httpVersion: req.httpVersion };
       const answer = (reply: FcmReply) => {
         const text = JSON.stringify(reply.body);
         res.writeHead(reply.status, { 'content-type': 'application/json; charset=UTF-8', 'content-length': Buffer.byteLength(text), ...reply.headers });
@@ -92,7 +93,12 @@ export async function startFcmFake(): Promise<FcmFake> {
     });
   });
   let connections = 0;
-  server.on('secureConnection', () => connections++);
+  const sockets = new Set<import('node:net').Socket>();
+  server.on('secureConnection', (socket) => {
+    connections++;
+    sockets.add(socket);
+    socket.on('close', () => sockets.delete(socket));
+  });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   const port = (server.address() as AddressInfo).port;
   return {
@@ -107,7 +113,7 @@ export async function startFcmFake(): Promise<FcmFake> {
     dial: (o) => Promise.resolve(tlsConnect({ ...o, host: '127.0.0.1', port, ca: tls.cert })),
     close: () =>
       new Promise<void>((resolve) => {
-        server.closeAllConnections();
+        for (const socket of sockets) socket.destroy();
         server.close(() => resolve());
       }),
   };
