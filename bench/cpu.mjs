@@ -6,12 +6,13 @@
 //
 //   node bench/cpu.mjs [--prof] [--seconds 10] [--relay DIR]   (DIR: another checkout, built)
 //   node bench/cpu.mjs --naive [--prof]                         (bench/naive.mjs instead, same load)
+//   node bench/cpu.mjs --prof --prof-out FILE                   (also keeps the .cpuprofile, for Chrome's DevTools)
 //
 // Needs /usr/sbin/mosquitto and /usr/bin/wrk. Everything binds 127.0.0.1 on free ports; temp
 // files go to os.tmpdir(). Prints one line "µs per notification" and, with --prof, the top
 // functions by self time.
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative, resolve } from 'node:path';
@@ -70,8 +71,8 @@ async function main() {
   writeFileSync(join(tmp, 'mosquitto.conf'), `listener ${mqttPort} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\n`);
   run('/usr/sbin/mosquitto', ['-c', join(tmp, 'mosquitto.conf')]);
   await sleep(300);
-  const server = NAIVE ? [join(ROOT, 'bench/naive.mjs'), '127.0.0.1', String(httpPort), String(mqttPort)] : [join(RELAY_DIR, 'dist/src/cli.js'), 'serve'];
-  const nodeArgs = [...(NAIVE ? [] : ['--max-semi-space-size=8']), ...(PROF ? ['--cpu-prof', '--cpu-prof-dir', tmp] : []), ...server];
+  const server = NAIVE ? [join(ROOT, process.env.NAIVE_FILE ?? 'bench/naive.mjs'), '127.0.0.1', String(httpPort), String(mqttPort)] : [join(RELAY_DIR, 'dist/src/cli.js'), 'serve'];
+  const nodeArgs = [...(NAIVE ? [] : [`--max-semi-space-size=${process.env.SEMI ?? 8}`]), ...(PROF ? ['--cpu-prof', '--cpu-prof-dir', tmp] : []), ...server];
   const relay = run(process.execPath, nodeArgs, {
     cwd: tmp,
     env: {
@@ -110,7 +111,11 @@ async function main() {
   );
   relay.child.kill('SIGINT');
   await relay.exited;
-  if (PROF) summarise(readdirSync(tmp).find((f) => f.endsWith('.cpuprofile')));
+  if (PROF) {
+    const file = readdirSync(tmp).find((f) => f.endsWith('.cpuprofile'));
+    if (opt('--prof-out')) copyFileSync(join(tmp, file), resolve(opt('--prof-out')));
+    summarise(file);
+  }
 }
 
 function summarise(file) {

@@ -50,9 +50,6 @@ export type App = Hono & {
   push(n: PushNotification): Promise<PushResponse>;
 };
 
-/** The body as text, or undefined when it is over the limit; rejects when the client goes away. */
-type BodyReader = () => Promise<string | undefined>;
-
 export function createApp({ config, sinks, router, dispatcher, metrics, logger, refusals, pairing }: AppDeps): App {
   const base = config.server.basePath;
   const limit = config.server.bodyLimit;
@@ -146,56 +143,56 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger, 
   const ok200 = (body: PushResponse): ApiAnswer => ({ status: 200, body });
 
   /**
-   * The one way into the API: guards, then the body, then the handler. Resolves with the
-   * answer, or undefined when the client went away before its body was in (nothing to answer).
-   * Chained by hand, not async: see dispatch.ts.
+   * The one way into the API, in two steps that both entrances take: `admit` runs the guards
+   * before the body is read (a refused client's body is never looked at), `handle` answers once
+   * it is in (undefined: over the limit). Plain values where nothing waits, so that the direct
+   * listener's common case costs one promise hop (see dispatch.ts).
    */
-  function serveApi(req: ApiRequest, readBody: BodyReader): Promise<ApiAnswer | undefined> {
+  function admit(req: ApiRequest): ApiAnswer | undefined {
     for (let i = 0; i < guards.length; i++) {
       const refused = (guards[i] as Guard)(req);
-      if (refused) return Promise.resolve(refused);
+      if (refused) return refused;
     }
-    inFlight++;
-    const settle = (answer: ApiAnswer | undefined) => {
-      inFlight--;
-      return answer;
-    };
-    const failed = (err: unknown) => settle(internalError(err, req.endpoint));
-    return readBody().then(
-      (text) => {
-        let answer: ApiAnswer | Promise<ApiAnswer>;
-        try {
-          if (text === undefined) answer = tooLarge(req.endpoint);
-          else if (req.endpoint === 'ack') answer = ok200(ack(text));
-          else {
-            const reply = sendPush(text, req.userAgent);
-            answer = reply instanceof Promise ? reply.then(ok200) : ok200(reply);
-          }
-        } catch (err) {
-          return failed(err);
-        }
-        return answer instanceof Promise ? answer.then(settle, failed) : settle(answer);
-      },
-      (err: unknown) => {
-        // The client abandoned its request (reset, or a chunked body never finished): there is
-        // no one to answer and nothing was delivered. Not a bug, so not an error line.
-        logger.debug({ endpoint: req.endpoint, err: (err as Error).message }, 'client went away before its request was complete');
-        return settle(undefined);
-      },
-    );
+    return undefined;
   }
+
+  function handle(req: ApiRequest, text: string | undefined): ApiAnswer | Promise<ApiAnswer> {
+    try {
+      if (text === undefined) return tooLarge(req.endpoint);
+      if (req.endpoint === 'ack') return ok200(ack(text));
+      const reply = sendPush(text, req.userAgent);
+      return reply instanceof Promise ? reply.then(ok200, (err: unknown) => internalError(err, req.endpoint)) : ok200(reply);
+    } catch (err) {
+      return internalError(err, req.endpoint);
+    }
+  }
+
+  /** The client abandoned its request (reset, or a chunked body never finished): no one to answer, nothing delivered. Not a bug. */
+  const abandoned = (endpoint: Endpoint, err: Error) => logger.debug({ endpoint, err: err.message }, 'client went away before its request was complete');
 
   // ---- Hono: operator endpoints, and the API for app.request ----
 
   const app = new Hono<{ Bindings: { incoming?: IncomingMessage } }>();
   for (const [path, endpoint] of paths) {
     app.post(path, async (c) => {
-      const answer = await serveApi(honoRequest(c, endpoint), async () => {
-        if (Number(c.req.header('content-length') ?? NaN) > limit) return undefined;
-        const buf = await c.req.arrayBuffer();
-        return buf.byteLength > limit ? undefined : new TextDecoder().decode(buf);
-      });
-      if (!answer) return c.body(null, 400);
+      const req = honoRequest(c, endpoint);
+      let answer = admit(req);
+      if (!answer) {
+        inFlight++;
+        try {
+          let text: string | undefined;
+          if (!(Number(c.req.header('content-length') ?? NaN) > limit)) {
+            const buf = await c.req.arrayBuffer();
+            text = buf.byteLength > limit ? undefined : new TextDecoder().decode(buf);
+          }
+          answer = await handle(req, text);
+        } catch (err) {
+          abandoned(endpoint, err as Error);
+          return c.body(null, 400);
+        } finally {
+          inFlight--;
+        }
+      }
       const reply = toReply(answer);
       return c.body(reply.body, reply.status as 200, { 'Content-Type': reply.type, ...reply.headers });
     });
@@ -268,9 +265,21 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger, 
       remoteAddress: req.socket.remoteAddress ?? '',
       forwardedFor: req.headers['x-forwarded-for'] as string | undefined,
     };
-    void serveApi(value, () => readLimited(req, limit)).then((answer) => {
-      if (answer) send(res, answer);
-      else if (!res.headersSent) res.destroy();
+    const refused = admit(value);
+    if (refused) return send(res, refused);
+    inFlight++;
+    const finish = (answer: ApiAnswer) => {
+      inFlight--;
+      send(res, answer);
+    };
+    readLimited(req, limit, (text) => {
+      const answer = handle(value, text);
+      if (answer instanceof Promise) void answer.then(finish);
+      else finish(answer);
+    }, (err) => {
+      inFlight--;
+      abandoned(endpoint, err);
+      if (!res.headersSent) res.destroy();
     });
   };
 
@@ -302,37 +311,51 @@ function honoRequest(c: Context<{ Bindings: { incoming?: IncomingMessage } }>, e
   return { ...honoCaller(c), endpoint, userAgent: c.req.header('user-agent') };
 }
 
-/** The body as UTF-8 text, or undefined once it passes `limit` bytes (declared or sent). */
-function readLimited(req: IncomingMessage, limit: number): Promise<string | undefined> {
-  return new Promise((resolve, reject) => {
-    const declared = Number(req.headers['content-length'] ?? NaN);
-    if (declared > limit) {
-      // Answer now; drain what the client still sends so it reads our 413 rather than a reset.
-      req.resume();
-      return resolve(undefined);
+/**
+ * Calls `done` with the body as UTF-8 text, or undefined once it passes `limit` bytes (declared
+ * or sent); `gone` when the client goes away first. Callbacks, not a promise: this is every
+ * notification's first step.
+ */
+function readLimited(req: IncomingMessage, limit: number, done: (text: string | undefined) => void, gone: (err: Error) => void): void {
+  const declared = Number(req.headers['content-length'] ?? NaN);
+  if (declared > limit) {
+    // Answer now; drain what the client still sends so it reads our 413 rather than a reset.
+    req.resume();
+    return done(undefined);
+  }
+  let first: Buffer | undefined;
+  let chunks: Buffer[] | undefined;
+  let size = 0;
+  let settled = false;
+  req.on('data', (chunk: Buffer) => {
+    if (settled) return;
+    size += chunk.length;
+    if (size > limit) {
+      settled = true;
+      first = undefined;
+      chunks = undefined;
+      return done(undefined);
     }
-    const chunks: Buffer[] = [];
-    let size = 0;
-    let over = false;
-    req.on('data', (chunk: Buffer) => {
-      if (over) return;
-      size += chunk.length;
-      if (size > limit) {
-        over = true;
-        chunks.length = 0;
-        return resolve(undefined);
-      }
-      chunks.push(chunk);
-    });
-    req.on('end', () => {
-      if (!over) resolve((chunks.length === 1 ? (chunks[0] as Buffer) : Buffer.concat(chunks, size)).toString('utf8'));
-    });
-    req.on('error', reject);
-    req.on('close', () => {
-      if (!req.complete) reject(new Error('request aborted'));
-    });
+    if (!first) first = chunk;
+    else (chunks ??= [first]).push(chunk);
+  });
+  req.on('end', () => {
+    if (settled) return;
+    settled = true;
+    done((chunks ? Buffer.concat(chunks, size) : (first ?? EMPTY)).toString('utf8'));
+  });
+  const abort = (err?: Error) => {
+    if (settled) return;
+    settled = true;
+    gone(err ?? new Error('request aborted'));
+  };
+  req.on('error', abort);
+  req.on('close', () => {
+    if (!req.complete) abort();
   });
 }
+
+const EMPTY = Buffer.alloc(0);
 
 type Reply = { status: number; type: string; body: string; headers?: Readonly<Record<string, string>> };
 
