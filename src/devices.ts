@@ -46,13 +46,19 @@ export type DeviceRegistry = {
   get(token: string): Promise<Device | undefined>;
   /** Issues a new token for the device and stores it. */
   add(device: NewDevice): Promise<Device>;
-  /** Read-modify-write of one device; `change` returning undefined deletes it. Resolves with the result. */
+  /**
+   * Read-modify-write of one device; `change` returning undefined deletes it. Resolves with the
+   * result. A change made meanwhile (by this process or another instance on the same
+   * PostgreSQL) is never lost: `change` runs again on the newer device.
+   */
   update(token: string, change: (d: Device) => Device | undefined): Promise<Device | undefined>;
   remove(token: string): Promise<boolean>;
   list(): Promise<Device[]>;
 };
 
 const TOKEN_PREFIX = 'pr1';
+/** Attempts of one update against changes made meanwhile by other instances. */
+const MAX_TRIES = 50;
 // 18 random bytes: 144 bits, 24 characters of base64url.
 const TOKEN_SHAPE = /^pr1[A-Za-z0-9_-]{24}$/;
 
@@ -71,8 +77,8 @@ export const mattermostDeviceId = (token: string) => `android_rn-v2:${token}`;
 
 export function createDeviceRegistry(kv: KeyValue): DeviceRegistry {
   const read = (text: string | undefined) => (text === undefined ? undefined : (JSON.parse(text) as Device));
-  // Updates of one device within this process run one after another, so a read-modify-write
-  // (e.g. two subscriptions removed at once) does not lose one of them.
+  // Updates of one device within this process run one after another, so that they need not
+  // retry each other's; across instances, the store's compare-and-set (swap) keeps each one.
   const chains = new Map<string, Promise<unknown>>();
   const serial = <T>(token: string, fn: () => Promise<T>): Promise<T> => {
     const run = (chains.get(token) ?? Promise.resolve()).then(fn, fn);
@@ -90,12 +96,14 @@ export function createDeviceRegistry(kv: KeyValue): DeviceRegistry {
     },
     update: (token, change) =>
       serial(token, async () => {
-        const current = read(await kv.get(token));
-        if (!current) return undefined;
-        const next = change(current);
-        if (next === undefined) await kv.delete(token);
-        else await kv.set(token, JSON.stringify({ ...next, token }));
-        return next;
+        for (let tries = 0; tries < MAX_TRIES; tries++) {
+          const text = await kv.get(token);
+          const current = read(text);
+          if (!current) return undefined;
+          const next = change(current);
+          if (await kv.swap(token, text, next === undefined ? undefined : JSON.stringify({ ...next, token }))) return next;
+        }
+        throw new Error(`device ${token.slice(0, 7)}…: ${MAX_TRIES} concurrent changes in a row, giving up on this one`);
       }),
     remove: (token) => serial(token, () => kv.delete(token)),
     list: async () => (await kv.list()).map(([, v]) => JSON.parse(v) as Device),

@@ -132,6 +132,34 @@ describe.each(backends.filter((b) => b.name === 'SQLite' || postgres))('the devi
     expect(await again.get(d.token)).toEqual(await devices.get(d.token));
     expect((await again.list()).length).toBe((await devices.list()).length);
   });
+
+  it('two instances on one store: concurrent updates of one device through both all land', async () => {
+    // Two registries over two connections, as two relays share a PostgreSQL: each has its own
+    // in-process queue, so only the store's compare-and-set keeps one from overwriting the other.
+    const other = await reopen();
+    opened.push(other);
+    const second = createDeviceRegistry(other.kv('devices'));
+    const d = await devices.add({ label: 'shared', targets: { webpush: [] } });
+    const adds = Array.from({ length: 20 }, (_, i) =>
+      (i % 2 ? second : devices).update(d.token, (x) => ({ ...x, targets: { webpush: [...(x.targets.webpush ?? []), subscription(100 + i)] } })),
+    );
+    await Promise.all(adds);
+    const endpoints = (await second.get(d.token))?.targets.webpush?.map((s) => s.endpoint).sort();
+    expect(endpoints).toEqual(Array.from({ length: 20 }, (_, i) => subscription(100 + i).endpoint).sort());
+  });
+
+  it("swap sets, replaces and deletes only what is still as expected", async () => {
+    const kv = store.kv('swap-test');
+    expect(await kv.swap('k', undefined, 'one')).toBe(true);
+    expect(await kv.swap('k', undefined, 'two')).toBe(false);
+    expect(await kv.swap('k', 'two', 'three')).toBe(false);
+    expect(await kv.get('k')).toBe('one');
+    expect(await kv.swap('k', 'one', 'two')).toBe(true);
+    expect(await kv.swap('k', 'one', undefined)).toBe(false);
+    expect(await kv.swap('k', 'two', undefined)).toBe(true);
+    expect(await kv.get('k')).toBeUndefined();
+    expect(await kv.swap('k', undefined, undefined)).toBe(true);
+  });
 });
 
 function writeConfig(config: Record<string, unknown>): string {

@@ -25,6 +25,12 @@ export function memoryKv(): (namespace: string) => KeyValue {
       delete: async (key) => space.delete(key),
       list: async (prefix = '') =>
         [...space].filter(([k]) => k.startsWith(prefix)).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)),
+      async swap(key, expected, next) {
+        if (space.get(key) !== expected) return false;
+        if (next === undefined) space.delete(key);
+        else space.set(key, next);
+        return true;
+      },
     };
   };
 }

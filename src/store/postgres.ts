@@ -182,6 +182,14 @@ export async function openPostgresStore(url: string): Promise<Store> {
         );
         return rows.map((r) => [r.key, r.value]);
       },
+      async swap(key, expected, next) {
+        if (expected === undefined) {
+          if (next === undefined) return (await q('SELECT 1 FROM push_relay_kv WHERE ns = $1 AND key = $2', [ns, key])).length === 0;
+          return (await n('INSERT INTO push_relay_kv (ns, key, value) VALUES ($1, $2, $3) ON CONFLICT (ns, key) DO NOTHING', [ns, key, next])) > 0;
+        }
+        if (next === undefined) return (await n('DELETE FROM push_relay_kv WHERE ns = $1 AND key = $2 AND value = $3', [ns, key, expected])) > 0;
+        return (await n('UPDATE push_relay_kv SET value = $4 WHERE ns = $1 AND key = $2 AND value = $3', [ns, key, expected, next])) > 0;
+      },
     }),
     async stats(): Promise<StoreStats> {
       const [total] = await q<{ n: string; oldest: string | null }>('SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM push_relay_outbox');

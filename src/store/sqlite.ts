@@ -111,6 +111,9 @@ export function openSqliteStore({ dataDir, owner }: SqliteOptions): Store {
   const kvDelete = db.prepare('DELETE FROM kv WHERE ns = ? AND key = ?');
   // substr, not LIKE: a key may hold % or _.
   const kvList = db.prepare('SELECT key, value FROM kv WHERE ns = ? AND substr(key, 1, length(?)) = ? ORDER BY key');
+  const kvInsertNew = db.prepare('INSERT INTO kv (ns, key, value) VALUES (?, ?, ?) ON CONFLICT (ns, key) DO NOTHING');
+  const kvReplace = db.prepare('UPDATE kv SET value = ? WHERE ns = ? AND key = ? AND value = ?');
+  const kvDeleteIf = db.prepare('DELETE FROM kv WHERE ns = ? AND key = ? AND value = ?');
   const kv = (ns: string): KeyValue => ({
     async get(key) {
       return kvGet.get(ns, key) as string | undefined;
@@ -123,6 +126,11 @@ export function openSqliteStore({ dataDir, owner }: SqliteOptions): Store {
     },
     async list(prefix = '') {
       return (kvList.all(ns, prefix, prefix) as Array<{ key: string; value: string }>).map((r) => [r.key, r.value]);
+    },
+    async swap(key, expected, next) {
+      if (expected === undefined) return next === undefined ? kvGet.get(ns, key) === undefined : kvInsertNew.run(ns, key, next).changes > 0;
+      if (next === undefined) return kvDeleteIf.run(ns, key, expected).changes > 0;
+      return kvReplace.run(next, ns, key, expected).changes > 0;
     },
   });
 

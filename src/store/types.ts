@@ -36,6 +36,12 @@ export interface KeyValue {
   delete(key: string): Promise<boolean>;
   /** Every entry whose key starts with `prefix` (all without one), in key order. */
   list(prefix?: string): Promise<Array<[key: string, value: string]>>;
+  /**
+   * Sets `key` to `next` only if its value is still `expected`, atomically (across the instances
+   * sharing a PostgreSQL too); true when it did. `next` undefined deletes; `expected` undefined
+   * means "absent". What a read-modify-write that must not lose a concurrent change is built on.
+   */
+  swap(key: string, expected: string | undefined, next: string | undefined): Promise<boolean>;
 }
 
 export interface Store {
