@@ -14,7 +14,8 @@
 // Load: wrk -c16 -t2 with bench/post.lua (the realistic payload, no Content-Type, User-Agent
 // Mattermost-Bot/1.1, a fresh ack_id per request); each answer must be 2xx with
 // {"status":"OK"}. Rounds are interleaved (r, n, a, b, r, n, a, b, ...), each a warm-up then a
-// measured run; a target's figure is its median OK answers per second over its rounds.
+// measured run; a target's figure is its median OK answers per second over its rounds. Rounds
+// alternate in order (ABBA), and relay / naive is also given round by round.
 // For (r), (n) and (b) a mosquitto_sub (QoS 0, mm/#; BENCH_SUB_QOS=1 for QoS 1) counts what reaches
 // a subscriber during the round: it must equal what the server says it published, which must
 // cover every OK answer.
@@ -649,7 +650,9 @@ async function main() {
   const results = new Map(targets.map(([k]) => [k, []]));
 
   for (let n = 1; n <= ROUNDS; n++) {
-    for (const [key, t] of targets) {
+    // ABBA: every other round runs the targets in reverse, so a machine that slows down or
+    // speeds up during the run favours none of them.
+    for (const [key, t] of n % 2 ? targets : [...targets].reverse()) {
       const note = (s) => process.stdout.write(`  (${s})\n`);
       const r = key === 'seed' ? await seedRound(note) : await round(t);
       if (r.error) die(`${LABEL[key]}, round ${n}: ${r.error}`);
@@ -678,6 +681,10 @@ async function main() {
     const x = med.relay / med.naive;
     process.stdout.write(`relay / naive     ${x.toFixed(2).padStart(5)}x   target >= ${GOALS.naiveRatio.toFixed(1)}x    ${mark(x >= GOALS.naiveRatio)}` +
       `   (CPU per OK: naive / relay ${(cpu.naive / cpu.relay).toFixed(2)}x)\n`);
+    // The same ratio within each round, where the two ran next to each other: less exposed to a
+    // shared machine's slow minutes than the ratio of medians.
+    const paired = results.get('relay').map((r, i) => r.okPerSec / results.get('naive')[i].okPerSec);
+    process.stdout.write(`  paired by round: median ${median(paired).toFixed(2)}x (${paired.map((p) => `${p.toFixed(2)}x`).join(', ')})\n`);
   }
   if (med.relay !== undefined && med.seed !== undefined) {
     const x = med.relay / med.seed;
