@@ -90,6 +90,10 @@ const DIGEST_PREFIX = 'digest:';
 /** Recipients already done for a notification sent to several, so a retry does not mail them twice. */
 const DONE_PREFIX = 'done:';
 const DONE_KEEP_MS = 2 * 86_400_000;
+/** Who is mailing a recipient's digest right now, so that relays sharing a store mail it once. */
+const LEASE_PREFIX = 'lease:';
+/** Longer than a digest mail can take (connect, greeting and socket timeouts are 10-60 s). */
+const LEASE_MS = 180_000;
 
 export const escapeHtml = (s: string) =>
   s.replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' })[c] as string);
@@ -255,8 +259,10 @@ const createEmailSink: SinkFactory<EmailSinkConfig> = (name, config, ctx) => {
   // the store and sends them on start. The alternative, answering `retryable` until the
   // digest mail is out, would park every push in the outbox as a failure, retry each one on
   // its own backoff and let the ttl, not the window, decide when mail goes out.
-  // Limitation: several relays sharing one PostgreSQL store each run their own timers, so a
-  // digest may be sent by more than one of them (use one relay per digest sink there).
+  // Several relays sharing one PostgreSQL store each run their own timers; a flush first takes
+  // the recipient's lease in the store (compare-and-set), so one of them mails the entries and
+  // the others find them gone. A lease whose holder died runs out after LEASE_MS.
+  const instance = randomUUID();
   const timers = new Map<string, NodeJS.Timeout>();
   const failures = new Map<string, number>();
   const flushing = new Map<string, Promise<void>>();
@@ -278,7 +284,44 @@ const createEmailSink: SinkFactory<EmailSinkConfig> = (name, config, ctx) => {
     timers.set(rcpt, t);
   }
 
+  /** The lease on `rcpt`'s digest, or undefined while another relay holds it. */
+  async function takeLease(rcpt: string): Promise<{ release(): Promise<void> } | undefined> {
+    const key = `${LEASE_PREFIX}${encodeURIComponent(rcpt)}`;
+    const current = await store.get(key);
+    if (current !== undefined) {
+      const held = (() => {
+        try {
+          return JSON.parse(current) as { owner: string; until: number };
+        } catch {
+          return undefined;
+        }
+      })();
+      if (held && held.until > Date.now()) return undefined;
+    }
+    const mine = JSON.stringify({ owner: instance, until: Date.now() + LEASE_MS });
+    if (!(await store.swap(key, current, mine))) return undefined;
+    return { release: () => store.swap(key, mine, undefined).then(() => undefined) };
+  }
+
   async function flush(rcpt: string): Promise<void> {
+    let lease: { release(): Promise<void> } | undefined;
+    try {
+      lease = await takeLease(rcpt);
+    } catch (err) {
+      log.error({ err: (err as Error).message }, 'cannot take the digest lease; trying again in a minute');
+      return schedule(rcpt, 60_000);
+    }
+    // Another relay is mailing this recipient's digest: it takes what is there; look again later
+    // in case it dies before it is done.
+    if (!lease) return schedule(rcpt, Math.max(config.digest, 5_000));
+    try {
+      await flushHeld(rcpt);
+    } finally {
+      await lease.release().catch((err: unknown) => log.warn({ err: (err as Error).message }, 'cannot release the digest lease; it runs out by itself'));
+    }
+  }
+
+  async function flushHeld(rcpt: string): Promise<void> {
     let rows: Array<[string, string]>;
     try {
       rows = await store.list(digestKey(rcpt));

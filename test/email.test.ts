@@ -14,6 +14,7 @@ import { testCertificate } from './helpers/certs.js';
 import { post } from './helpers/http.js';
 import { messagePush, payload } from './helpers/payloads.js';
 import { freePort } from './helpers/ports.js';
+import { createDatabase, havePostgres } from './helpers/postgres.js';
 import { spawnRelay, startTestRelay } from './helpers/relay.js';
 import { startSmtpServer, type SmtpServer } from './helpers/smtp.js';
 import { tempDir } from './helpers/tmp.js';
@@ -160,6 +161,24 @@ describe('digest', () => {
     expect(m!.parsed.text).toContain('held 2');
     await sleep(400);
     expect(smtp.mails).toHaveLength(1);
+  });
+
+  it('two relays on one PostgreSQL mail a recipient\'s digest once between them', async () => {
+    if (!(await havePostgres())) {
+      if (process.env.CI === 'true') throw new Error('PostgreSQL is not reachable on 127.0.0.1:5432');
+      return console.log('skipped: no PostgreSQL on 127.0.0.1:5432');
+    }
+    const store = await createDatabase();
+    const smtp = await startSmtpServer();
+    const relays = [await relayFor(smtp, { digest: '500ms' }, { store }), await relayFor(smtp, { digest: '500ms' }, { store })];
+    // Each relay gets pushes for the same recipient at the same moment: both run a timer for it.
+    const lines = Array.from({ length: 6 }, (_, i) => `shared digest line ${i}`);
+    await Promise.all(lines.map((message, i) => push(relays[i % 2]!.url, fresh({ message }))));
+    await smtp.waitForMails(1, 3000);
+    await sleep(1500);
+    // Every notification in exactly one mail, whichever relay sent it.
+    for (const line of lines) expect(smtp.mails.filter((m) => m.parsed.text?.includes(line)), line).toHaveLength(1);
+    for (const r of relays) await r.stop();
   });
 
   it('keeps pending entries in the store across a restart and sends them after it', async () => {
