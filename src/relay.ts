@@ -113,15 +113,14 @@ async function assemble(config: Config, logger: Logger, store: Store | undefined
   const policy = (name: string) => policies.get(name) ?? sinkPolicy(current.config, name);
   const outbox: Outbox | undefined = store ? createOutbox({ store, sinks, policy, metrics, logger, deadTokens }) : undefined;
 
-  // The pairing page is built once, from the config at start (its keep-alive timer runs for
-  // the relay's life); its test notification goes through whichever app is current.
-  const pairing = pairingRoutes({
-    config,
-    devices,
-    logger,
-    vapidPublicKey: sinkList.find((s) => s.vapidPublicKey)?.vapidPublicKey,
-    deliverTest: (token) => current.app.push(testPush(token)),
-  });
+  // The pairing page, from the config and the Web Push sink's VAPID key; built again by a
+  // reload that changes either (a browser must subscribe with the key the sink signs with).
+  // Its test notification goes through whichever app is current.
+  const vapidOf = (list: Iterable<Sink>) => [...list].find((s) => s.vapidPublicKey)?.vapidPublicKey;
+  const makePairing = (cfg: Config, vapidPublicKey: string | undefined) =>
+    pairingRoutes({ config: cfg, devices, logger, vapidPublicKey, deliverTest: (token) => current.app.push(testPush(token)) });
+  let pairingVapid = vapidOf(sinkList);
+  let pairing = makePairing(config, pairingVapid);
 
   function generation(cfg: Config, genSinks: Map<string, Sink>): Generation {
     const list = [...genSinks.values()];
@@ -178,16 +177,25 @@ async function assemble(config: Config, logger: Logger, store: Store | undefined
     const nextSinks = new Map<string, Sink>();
     for (const name of Object.keys(next.sinks)) nextSinks.set(name, (built.get(name) ?? old.sinks.get(name)) as Sink);
 
+    const changes: string[] = [];
+    const nextVapid = vapidOf(nextSinks.values());
+    const oldPairing = pairing;
+    if (nextVapid !== pairingVapid || JSON.stringify(old.config.mattermost) !== JSON.stringify(next.mattermost)) {
+      pairing = makePairing(next, nextVapid);
+      pairingVapid = nextVapid;
+      changes.push('pairing page');
+    }
+
     // The swap: synchronous, so no request or outbox round sees half of it.
     policies = new Map([...nextSinks.keys()].map((name) => [name, sinkPolicy(next, name)]));
     current = generation(next, nextSinks);
+    if (pairing !== oldPairing) oldPairing.stop();
     sinks.clear();
     for (const [name, s] of nextSinks) sinks.set(name, s);
     sinkList.splice(0, sinkList.length, ...nextSinks.values());
     metrics.addSinks([...built.values()]);
     applyServerSettings(server, next);
     if (next.log.level !== old.config.log.level) logger.level = next.log.level;
-    const changes: string[] = [];
     if (nextTls && tlsPair && nextTls.fingerprint !== tlsPair.fingerprint) {
       (server as unknown as import('node:tls').Server).setSecureContext({ cert: nextTls.cert, key: nextTls.key });
       changes.push(`tls certificate ${nextTls.fingerprint.slice(0, 23)}… (valid until ${nextTls.notAfter})`);

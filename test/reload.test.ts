@@ -4,6 +4,7 @@
 // serving; a change of the file is picked up without a signal; a new TLS certificate is
 // what the next connection sees.
 import { copyFileSync, writeFileSync } from 'node:fs';
+import webPush from 'web-push';
 import { Agent } from 'node:http';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -213,6 +214,23 @@ describe('Relay.reload, in process', () => {
     expect(removed).toMatchObject({ ok: true, changes: expect.arrayContaining(['sink b removed (its outbox rows wait until their ttl)', 'sink c removed (its outbox rows wait until their ttl)']) });
     expect(relay.sinks.get('a')).toBe(a);
     expect((await post(`${relay.url}/api/v1/send_push`, body)).json).toEqual({ status: 'OK' });
+  });
+
+  it('serves the pairing page of the new config: a new VAPID key and Mattermost URL reach the page at once', async () => {
+    const webpush = (keys: { publicKey: string; privateKey: string }) => ({ type: 'webpush', vapid: { ...keys, subject: 'mailto:ops@example.com' } });
+    const [k1, k2] = [webPush.generateVAPIDKeys(), webPush.generateVAPIDKeys()];
+    const relay = await startTestRelay({ mattermost: { url: 'https://chat.example.com' }, sinks: { browsers: webpush(k1) } });
+    relays.push(relay);
+    const pageConfig = async () => (await (await fetch(`${relay.url}/pair/config`)).json()) as { vapidPublicKey: string; mattermost: { url: string } };
+    expect(await pageConfig()).toMatchObject({ vapidPublicKey: k1.publicKey, mattermost: { url: 'https://chat.example.com' } });
+    const result = await relay.reload(parse({ mattermost: { url: 'https://mm.example.org' }, sinks: { browsers: webpush(k2) } }));
+    expect(result).toEqual({ ok: true, changes: expect.arrayContaining(['sink browsers rebuilt', 'pairing page', 'mattermost']) });
+    // A browser that pairs now subscribes with the key the sink signs with.
+    expect(await pageConfig()).toMatchObject({ vapidPublicKey: k2.publicKey, mattermost: { url: 'https://mm.example.org' } });
+    // Unchanged: the page (and its keep-alive timer) stays as it is.
+    const same = await relay.reload(parse({ mattermost: { url: 'https://mm.example.org' }, sinks: { browsers: webpush(k2) }, log: { level: 'debug' } }));
+    expect(same).toMatchObject({ ok: true });
+    expect((same as { changes: string[] }).changes).not.toContain('pairing page');
   });
 
   it('refuses a config that changes what cannot change live, naming each key, and keeps the old one', async () => {
