@@ -124,6 +124,10 @@ describe('FCM sink: the error table (contract §5.3), one reply per row', () => 
     ['PERMISSION_DENIED without an FCM error code (a service account not allowed to send)',
       fcmError(403, 'PERMISSION_DENIED', "Permission 'cloudmessaging.messages.create' denied on resource '//cloudresourcemanager.googleapis.com/projects/demo-proj'"),
       { status: 'FAIL', error: /android: FCM: Permission 'cloudmessaging\.messages\.create' denied/ }],
+    // A wrong project id answers so: no phone is dead (the official proxy's Go SDK agrees; Node's
+    // firebase-admin would have called it UNREGISTERED, and every token would have been removed).
+    ['NOT_FOUND without an FCM error code (a wrong project)', fcmError(404, 'NOT_FOUND', 'Requested entity was not found.'),
+      { status: 'FAIL', error: /android: FCM: Requested entity was not found/ }],
     ['INVALID_ARGUMENT', fcmError(400, 'INVALID_ARGUMENT', 'The registration token is not a valid FCM registration token', 'INVALID_ARGUMENT'),
       { status: 'FAIL', error: /android: FCM: The registration token is not a valid FCM registration token/ }],
     ['THIRD_PARTY_AUTH_ERROR', fcmError(401, 'UNAUTHENTICATED', 'Auth error from APNS or Web Push Service', 'THIRD_PARTY_AUTH_ERROR'),
