@@ -7,10 +7,10 @@
 // `cert()` credential: the signed JWT grant to Google's token endpoint, over a keep-alive agent
 // whose connections sinks/provider-net.ts opens). The messages go over one HTTP/2 connection
 // per sink (sinks/h2-client.ts, as for APNs), one stream per push. Why not firebase-admin's own
-// `send()`: on our 2 cores it costs ~0.3 ms of CPU per message before the relay does anything
-// (alone against a local fake, send() did 1 600 msgs/s and sendEach(64) 2 250), and the relay
-// in front of it did ~2 000 pushes/s; over one HTTP/2 connection the relay does more than
-// twice that (bench/README.md, "FCM and APNs"). It also lets the outbox own every retry:
+// `send()`: on our 2 cores the relay through it did 1 600-2 150 pushes/s at 0.45-0.56 ms of CPU
+// each (firebase-admin alone against a local fake: send() 1 600-2 700 msgs/s, sendEach(64)
+// 2 250-3 550); over one HTTP/2 connection it does 3 400-4 000 at 0.26-0.30 ms (README, "FCM
+// and APNs"). It also lets the outbox own every retry:
 // firebase-admin retried a 503 itself for up to ~7 s, past the delivery deadline, with no
 // public setting for it.
 import { readFileSync } from 'node:fs';
