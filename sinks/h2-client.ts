@@ -39,6 +39,8 @@ export type H2ClientOptions = {
   log: Logger;
   /** More TLS options for the connection (a client certificate). */
   tls?: Partial<DialOptions>;
+  /** Gives up on a stream the provider has not answered after this long (default 30 s). */
+  streamTimeoutMs?: number;
 };
 
 /** A stream the provider never answers is given up after this (the relay's deadline has long passed). */
@@ -49,9 +51,12 @@ const SWEEP_MS = 5_000;
 /** Before the server's SETTINGS arrive, as RFC 9113 §6.5.2 suggests. */
 const DEFAULT_STREAM_LIMIT = 100;
 
-type Conn = { session: ClientHttp2Session; active: number; streams: Map<ClientHttp2Stream, number> };
+/** `streams`: open ones, with when each started and how it ends when the provider never answers. */
+type Conn = { session: ClientHttp2Session; active: number; streams: Map<ClientHttp2Stream, { started: number; expire(): void }> };
 
-export function createH2Client({ host, label, log, tls }: H2ClientOptions): H2Client {
+export function createH2Client({ host, label, log, tls, streamTimeoutMs = STREAM_TIMEOUT_MS }: H2ClientOptions): H2Client {
+  const sweepMs = Math.min(SWEEP_MS, Math.max(50, streamTimeoutMs / 4));
+  const pingEvery = Math.max(1, Math.round(PING_INTERVAL_MS / sweepMs));
   let conn: Conn | undefined;
   let connecting: Promise<Conn> | undefined;
   /** Requests waiting for a free stream, woken when one frees up or the connection changes. */
@@ -73,7 +78,6 @@ export function createH2Client({ host, label, log, tls }: H2ClientOptions): H2Cl
         const retire = (why: string) => {
           if (conn === c) conn = undefined;
           if (why) lastError = why;
-          clearInterval(timers);
           wakeAll();
         };
         session.on('goaway', (code) => {
@@ -84,7 +88,11 @@ export function createH2Client({ host, label, log, tls }: H2ClientOptions): H2Cl
           log.warn({ err: err.message }, `${label} connection error; the next push reconnects`);
           retire(err.message);
         });
-        session.on('close', () => retire(''));
+        session.on('close', () => {
+          // Not before: the streams a GOAWAY let finish are still swept until the session ends.
+          clearInterval(timers);
+          retire('');
+        });
         // Apple raises the stream limit once it trusts the connection: let waiters in.
         session.on('remoteSettings', () => {
           while (waiting.length && c.active < limit(c)) waiting.shift()?.();
@@ -92,9 +100,13 @@ export function createH2Client({ host, label, log, tls }: H2ClientOptions): H2Cl
         let sweeps = 0;
         const timers = setInterval(() => {
           const now = Date.now();
-          for (const [stream, started] of c.streams) if (now - started > STREAM_TIMEOUT_MS) stream.close(h2.NGHTTP2_CANCEL);
-          if (++sweeps % (PING_INTERVAL_MS / SWEEP_MS) === 0 && usable(c)) session.ping(() => {});
-        }, SWEEP_MS).unref();
+          for (const [stream, s] of c.streams) {
+            if (now - s.started <= streamTimeoutMs) continue;
+            s.expire();
+            stream.close(h2.NGHTTP2_CANCEL);
+          }
+          if (++sweeps % pingEvery === 0 && usable(c)) session.ping(() => {});
+        }, sweepMs).unref();
         return new Promise<Conn>((resolve, reject) => {
           session.once('connect', () => resolve(c));
           session.once('error', reject);
@@ -166,7 +178,7 @@ export function createH2Client({ host, label, log, tls }: H2ClientOptions): H2Cl
         release(c);
         return resolve({ error: (err as Error).message });
       }
-      c.streams.set(stream, Date.now());
+      c.streams.set(stream, { started: Date.now(), expire: () => done({ error: `no answer within ${streamTimeoutMs} ms` }) });
       let status = 0;
       let answer: IncomingHttpHeaders | undefined;
       let chunks: Buffer[] | undefined;
