@@ -122,6 +122,17 @@ const DELIVERED: Outcome = { kind: 'delivered' };
 const SUCCESS: ProxyResult = { kind: 'success' };
 /** An access token is renewed this long before Google says it expires (they last an hour). */
 const TOKEN_MARGIN_MS = 5 * 60_000;
+/** A token request that hangs must not hold every push behind it for good. */
+const TOKEN_TIMEOUT_MS = 10_000;
+
+function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const expired = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} within ${ms / 1000} s`)), ms);
+    timer.unref();
+  });
+  return Promise.race([p, expired]).finally(() => clearTimeout(timer));
+}
 
 const createFcmSink: SinkFactory<FcmSinkConfig> = (name, config, { logger: log, metrics }) => {
   const official = proxyMetrics(metrics, 'android');
@@ -133,10 +144,10 @@ const createFcmSink: SinkFactory<FcmSinkConfig> = (name, config, { logger: log, 
   let renewing: Promise<string> | undefined;
   let lastError: string | undefined;
 
-  /** The cached access token, or the promise of a new one (one request at a time to Google). */
+  /** The cached access token, or the promise of a new one (one request at a time to Google, bounded in time). */
   function accessToken(): string | Promise<string> {
     if (token && Date.now() < token.renewAt) return token.value;
-    renewing ??= (credential as Credential).getAccessToken().then(
+    renewing ??= withTimeout((credential as Credential).getAccessToken(), TOKEN_TIMEOUT_MS, 'no access token from Google').then(
       (t) => {
         const lifetime = Math.max(0, Number(t.expires_in) * 1000);
         token = { value: t.access_token, renewAt: Date.now() + Math.max(lifetime - TOKEN_MARGIN_MS, lifetime / 2) };

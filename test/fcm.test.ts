@@ -273,6 +273,26 @@ describe('FCM sink: the access token', () => {
     }
   });
 
+  it('does not wait for good on a token request that never ends: the relay starts, and the next request gets the token', { timeout: 30_000 }, async () => {
+    let calls = 0;
+    useFirebaseCredential({
+      getAccessToken: () => (++calls === 1 ? new Promise(() => {}) : Promise.resolve({ access_token: 'after-the-hang', expires_in: 3600 })),
+    });
+    try {
+      const started = Date.now();
+      const { url } = await startTestRelay({ sinks: fcmSink() });
+      // Start gave up on the first request after 10 s (it logs that FCM is not reachable yet).
+      expect(Date.now() - started).toBeGreaterThanOrEqual(9_500);
+      expect(Date.now() - started).toBeLessThan(20_000);
+      const got = await sendPush(url, messagePush({ ack_id: 'tokenafterhang000000000000' }));
+      expect(got.json).toEqual({ status: 'OK' });
+      expect(fake.sends.at(-1)!.headers.authorization).toBe('Bearer after-the-hang');
+      expect(calls).toBe(2);
+    } finally {
+      useFirebaseCredential({ getAccessToken: async () => ({ access_token: 'fake-access-token', expires_in: 3600 }) });
+    }
+  });
+
   it('answers FAIL naming the credential when no token can be had (store: none)', async () => {
     useFirebaseCredential({ getAccessToken: () => Promise.reject(new Error('invalid_grant: account not found')) });
     try {
