@@ -11,6 +11,7 @@
 // on streams the provider never answers), and a body is kept only when it is not a success.
 import { connect as http2Connect, constants as h2, type ClientHttp2Session, type ClientHttp2Stream, type IncomingHttpHeaders, type OutgoingHttpHeaders } from 'node:http2';
 import type { Logger } from 'pino';
+import type { TLSSocket } from 'node:tls';
 import { dialProvider, type DialOptions } from './provider-net.js';
 
 /** The provider's answer: its status, headers and (unless 2xx) body text. */
@@ -41,6 +42,8 @@ export type H2ClientOptions = {
   tls?: Partial<DialOptions>;
   /** Gives up on a stream the provider has not answered after this long (default 30 s). */
   streamTimeoutMs?: number;
+  /** Gives up on a connection whose TLS and HTTP/2 handshake take longer (default 10 s). */
+  connectTimeoutMs?: number;
 };
 
 /** A stream the provider never answers is given up after this (the relay's deadline has long passed). */
@@ -48,13 +51,14 @@ const STREAM_TIMEOUT_MS = 30_000;
 /** Providers close idle connections; a PING now and then shows whether ours still lives. */
 const PING_INTERVAL_MS = 60_000;
 const SWEEP_MS = 5_000;
+const CONNECT_TIMEOUT_MS = 10_000;
 /** Before the server's SETTINGS arrive, as RFC 9113 §6.5.2 suggests. */
 const DEFAULT_STREAM_LIMIT = 100;
 
 /** `streams`: open ones, with when each started and how it ends when the provider never answers. */
 type Conn = { session: ClientHttp2Session; active: number; streams: Map<ClientHttp2Stream, { started: number; expire(): void }> };
 
-export function createH2Client({ host, label, log, tls, streamTimeoutMs = STREAM_TIMEOUT_MS }: H2ClientOptions): H2Client {
+export function createH2Client({ host, label, log, tls, streamTimeoutMs = STREAM_TIMEOUT_MS, connectTimeoutMs = CONNECT_TIMEOUT_MS }: H2ClientOptions): H2Client {
   const sweepMs = Math.min(SWEEP_MS, Math.max(50, streamTimeoutMs / 4));
   const pingEvery = Math.max(1, Math.round(PING_INTERVAL_MS / sweepMs));
   let conn: Conn | undefined;
@@ -70,48 +74,77 @@ export function createH2Client({ host, label, log, tls, streamTimeoutMs = STREAM
     for (const wake of waiting.splice(0)) wake();
   };
 
+  /** The TLS connection and the HTTP/2 handshake, within connectTimeoutMs (a peer that accepts and then says nothing must not hold every push). */
+  function connectOnce(): Promise<Conn> {
+    return new Promise<Conn>((resolve, reject) => {
+      let settled = false;
+      let socket: TLSSocket | undefined;
+      let c: Conn | undefined;
+      const finish = (err?: Error) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        if (err) {
+          c?.session.destroy();
+          socket?.destroy();
+          reject(err);
+        } else resolve(c as Conn);
+      };
+      const timer = setTimeout(() => finish(new Error(`no TLS and HTTP/2 handshake within ${connectTimeoutMs} ms`)), connectTimeoutMs);
+      dialProvider({ host, port: 443, servername: host, ALPNProtocols: ['h2'], ...tls }).then(
+        (s) => {
+          socket = s;
+          if (settled) return void s.destroy();
+          c = sessionOn(s);
+          c.session.once('connect', () => finish());
+          c.session.once('error', (err) => finish(err));
+        },
+        (err: Error) => finish(err),
+      );
+    });
+  }
+
+  /** An HTTP/2 session on `socket`, with what retires it and sweeps its streams. */
+  function sessionOn(socket: TLSSocket): Conn {
+    const session = http2Connect(`https://${host}`, { createConnection: () => socket, settings: { enablePush: false } });
+    const c: Conn = { session, active: 0, streams: new Map() };
+    const retire = (why: string) => {
+      if (conn === c) conn = undefined;
+      if (why) lastError = why;
+      wakeAll();
+    };
+    session.on('goaway', (code) => {
+      log.info({ code }, `${label} sent GOAWAY; the next push opens a new connection`);
+      retire('');
+    });
+    session.on('error', (err) => {
+      log.warn({ err: err.message }, `${label} connection error; the next push reconnects`);
+      retire(err.message);
+    });
+    session.on('close', () => {
+      // Not before: the streams a GOAWAY let finish are still swept until the session ends.
+      clearInterval(timers);
+      retire('');
+    });
+    // Apple raises the stream limit once it trusts the connection: let waiters in.
+    session.on('remoteSettings', () => {
+      while (waiting.length && c.active < limit(c)) waiting.shift()?.();
+    });
+    let sweeps = 0;
+    const timers = setInterval(() => {
+      const now = Date.now();
+      for (const [stream, s] of c.streams) {
+        if (now - s.started <= streamTimeoutMs) continue;
+        s.expire();
+        stream.close(h2.NGHTTP2_CANCEL);
+      }
+      if (++sweeps % pingEvery === 0 && usable(c)) session.ping(() => {});
+    }, sweepMs).unref();
+    return c;
+  }
+
   function open(): Promise<Conn> {
-    connecting ??= dialProvider({ host, port: 443, servername: host, ALPNProtocols: ['h2'], ...tls })
-      .then((socket) => {
-        const session = http2Connect(`https://${host}`, { createConnection: () => socket, settings: { enablePush: false } });
-        const c: Conn = { session, active: 0, streams: new Map() };
-        const retire = (why: string) => {
-          if (conn === c) conn = undefined;
-          if (why) lastError = why;
-          wakeAll();
-        };
-        session.on('goaway', (code) => {
-          log.info({ code }, `${label} sent GOAWAY; the next push opens a new connection`);
-          retire('');
-        });
-        session.on('error', (err) => {
-          log.warn({ err: err.message }, `${label} connection error; the next push reconnects`);
-          retire(err.message);
-        });
-        session.on('close', () => {
-          // Not before: the streams a GOAWAY let finish are still swept until the session ends.
-          clearInterval(timers);
-          retire('');
-        });
-        // Apple raises the stream limit once it trusts the connection: let waiters in.
-        session.on('remoteSettings', () => {
-          while (waiting.length && c.active < limit(c)) waiting.shift()?.();
-        });
-        let sweeps = 0;
-        const timers = setInterval(() => {
-          const now = Date.now();
-          for (const [stream, s] of c.streams) {
-            if (now - s.started <= streamTimeoutMs) continue;
-            s.expire();
-            stream.close(h2.NGHTTP2_CANCEL);
-          }
-          if (++sweeps % pingEvery === 0 && usable(c)) session.ping(() => {});
-        }, sweepMs).unref();
-        return new Promise<Conn>((resolve, reject) => {
-          session.once('connect', () => resolve(c));
-          session.once('error', reject);
-        });
-      })
+    connecting ??= connectOnce()
       .then(
         (c) => {
           connecting = undefined;

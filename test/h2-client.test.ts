@@ -94,3 +94,33 @@ describe('the providers\' HTTP/2 client', () => {
     }
   });
 });
+
+describe("the providers' HTTP/2 client, toward a peer that accepts and then says nothing", () => {
+  it('gives up on the handshake after connectTimeoutMs, and connects once the peer answers', async () => {
+    const { createServer } = await import('node:net');
+    const silent = createServer(() => {}); // takes the TCP connection, never speaks TLS
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+    const tls = testCertificate([HOST]);
+    let target = (silent.address() as AddressInfo).port;
+    useProviderConnection((o) => Promise.resolve(tlsConnect({ ...o, host: '127.0.0.1', port: target, ca: tls.cert })));
+    const client = createH2Client({ host: HOST, label: 'test', log: pino({ level: 'silent' }), connectTimeoutMs: 300 });
+    try {
+      const started = Date.now();
+      await expect(client.connect()).rejects.toThrow(/no TLS and HTTP\/2 handshake within 300 ms/);
+      expect(Date.now() - started).toBeLessThan(2000);
+      // A request now tries a new connection rather than waiting on the dead one.
+      const a = await client.request(post, '{}', forever());
+      expect(a).toMatchObject({ error: expect.stringMatching(/within 300 ms/) });
+      const real = createSecureServer({ cert: tls.cert, key: tls.key });
+      real.on('stream', (s) => s.respond({ ':status': 200 }, { endStream: true }));
+      await new Promise<void>((resolve) => real.listen(0, '127.0.0.1', resolve));
+      target = (real.address() as AddressInfo).port;
+      expect(await client.request(post, '{}', forever())).toMatchObject({ status: 200 });
+      await client.close();
+      await new Promise<void>((resolve) => real.close(() => resolve()));
+    } finally {
+      await client.close();
+      silent.close();
+    }
+  });
+});
