@@ -369,8 +369,12 @@ function toReply(answer: ApiAnswer): Reply {
   return { status: answer.status, type: JSON_TYPE, body: JSON.stringify(body), headers: answer.headers };
 }
 
+/** The headers of nearly every answer, built once (node:http reads them, never keeps or changes them). */
+const OK_HEADERS = { 'Content-Type': OK_REPLY.type, 'Content-Length': Buffer.byteLength(OK_REPLY.body) };
+
 function send(res: ServerResponse, answer: ApiAnswer) {
   const reply = toReply(answer);
-  res.writeHead(reply.status, { 'Content-Type': reply.type, 'Content-Length': Buffer.byteLength(reply.body), ...reply.headers });
+  if (reply === OK_REPLY) res.writeHead(200, OK_HEADERS);
+  else res.writeHead(reply.status, { 'Content-Type': reply.type, 'Content-Length': Buffer.byteLength(reply.body), ...reply.headers });
   res.end(reply.body);
 }
