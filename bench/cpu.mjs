@@ -13,10 +13,10 @@
 // functions by self time.
 import { spawn } from 'node:child_process';
 import { copyFileSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { freePort } from './lib.mjs';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const args = process.argv.slice(2);
@@ -31,16 +31,6 @@ const NAIVE = args.includes('--naive');
 const tmp = mkdtempSync(join(tmpdir(), 'push-relay-cpu-'));
 const children = [];
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-function freePort() {
-  return new Promise((res, rej) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => res(port));
-    });
-    s.on('error', rej);
-  });
-}
 
 function run(cmd, argv, opts = {}) {
   const child = spawn(cmd, argv, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });

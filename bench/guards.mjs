@@ -17,11 +17,12 @@
 //      BENCH_THREADS (2). Exit 0 when both ran and nothing was lost; the ratio is reported
 //      (goal: guarded >= 0.9 x none), not fatal: a loaded machine moves it.
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { connect, createServer } from 'node:net';
-import { cpus, loadavg, tmpdir } from 'node:os';
+import { existsSync, writeFileSync } from 'node:fs';
+import { connect } from 'node:net';
+import { cpus, loadavg } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { freePort, scratch } from './lib.mjs';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = resolve(HERE, '..');
@@ -35,14 +36,8 @@ const THREADS = num('BENCH_THREADS', 2);
 const PAYLOAD = process.env.BENCH_PAYLOAD || join(ROOT, 'test/fixtures/payloads/01-channel-post-full.json');
 const AUTH = { username: 'mattermost', password: 'bench-password-0123' };
 
-const children = new Set();
-const tmp = mkdtempSync(join(tmpdir(), 'push-relay-bench-guards-'));
-const cleanup = () => {
-  for (const c of children) c.kill('SIGKILL');
-  rmSync(tmp, { recursive: true, force: true });
-};
-process.on('exit', cleanup);
-for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => process.exit(130));
+const { dir: tmp, children } = scratch('push-relay-bench-guards-');
+process.on('SIGTERM', () => process.exit(130));
 const die = (m) => {
   process.stderr.write(`bench/guards: ${m}\n`);
   process.exit(1);
@@ -62,15 +57,6 @@ function start(cmd, args, opts = {}) {
   child.on('close', () => children.delete(child));
   return { child, tail: () => tail };
 }
-const freePort = () =>
-  new Promise((res, rej) => {
-    const s = createServer();
-    s.once('error', rej);
-    s.listen(0, HOST, () => {
-      const { port } = s.address();
-      s.close(() => res(port));
-    });
-  });
 const open = (port) =>
   new Promise((res) => {
     const s = connect(port, HOST);

@@ -11,12 +11,11 @@
 // Env: BENCH_SECONDS (5), BENCH_ROUNDS (3), BENCH_BACKLOG (20000), BENCH_OUTAGE_SECONDS (60),
 //      BENCH_RATE (2000). Needs wrk and mosquitto (Debian packages).
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { Agent, request } from 'node:http';
-import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { freePort, scratch } from './lib.mjs';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const env = (k, d) => Number(process.env[k] ?? d);
@@ -39,26 +38,11 @@ if (!existsSync(join(ROOT, 'dist/src/cli.js'))) {
   process.exit(1);
 }
 
-const tmp = mkdtempSync(join(tmpdir(), 'push-relay-bench-'));
-const children = new Set();
-const cleanup = () => {
-  for (const c of children) c.kill('SIGKILL');
-  rmSync(tmp, { recursive: true, force: true });
-};
-process.on('exit', cleanup);
-process.on('SIGINT', () => process.exit(130));
+const { dir: tmp, children } = scratch('push-relay-bench-');
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
-function freePort() {
-  return new Promise((res) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => res(port));
-    });
-  });
-}
 
 function child(cmd, args, opts = {}) {
   const p = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });

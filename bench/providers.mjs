@@ -25,13 +25,14 @@
 //      BENCH_RELAY_NODE_ARGS (e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof" for the relay process).
 import { spawn, execFileSync } from 'node:child_process';
 import { generateKeyPairSync, verify } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { connect as http2Connect, createSecureServer } from 'node:http2';
 import { Agent } from 'node:https';
-import { cpus, loadavg, tmpdir } from 'node:os';
+import { cpus, loadavg } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { freePort, scratch } from './lib.mjs';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = resolve(HERE, '..');
@@ -143,14 +144,7 @@ async function main() {
   const CONNS = Math.round(num('BENCH_CONNECTIONS', 64, 1, 1000));
   const THREADS = Math.round(num('BENCH_THREADS', 2, 1, 64));
   const TARGETS = (process.env.BENCH_TARGETS || 'fcm-direct,fcm-relay,apns-direct,apns-relay,sdk').split(',').map((s) => s.trim());
-  const tmp = mkdtempSync(join(tmpdir(), 'push-relay-bench-providers-'));
-  const children = new Set();
-  const cleanup = () => {
-    for (const c of children) c.kill('SIGKILL');
-    rmSync(tmp, { recursive: true, force: true });
-  };
-  process.on('exit', cleanup);
-  process.on('SIGINT', () => process.exit(130));
+  const { dir: tmp, children, cleanup } = scratch('push-relay-bench-providers-');
 
   // Certificate for the providers' real names (openssl: node:crypto does not sign X.509), the
   // APNs key pair, a service-account file naming the project.
@@ -187,7 +181,7 @@ async function main() {
   const fakes = spawnChild([fileURLToPath(import.meta.url)], { BENCH_ROLE: 'fakes', BENCH_CERT: certFile, BENCH_KEY: keyFile, BENCH_APNS_PUB: pub });
   const [fcmPort, apnsPort] = await waitFor('the fakes', () => /READY (\d+) (\d+)/.exec(fakes.out())?.slice(1).map(Number));
 
-  const relayPort = 20_000 + Math.floor(Math.random() * 10_000);
+  const relayPort = await freePort();
   const config = join(tmp, 'config.json');
   writeFileSync(config, JSON.stringify({
     server: { host: '127.0.0.1', port: relayPort },

@@ -37,10 +37,11 @@
 //       1 when a tool is missing, a target failed to start or run, or a message was lost.
 import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { connect, createServer } from 'node:net';
+import { connect } from 'node:net';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { freePort } from './lib.mjs';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = resolve(HERE, '..');
@@ -176,15 +177,7 @@ async function until(probe, ms, every = 100) {
 const hostNet = {
   name: 'host network',
   wrap: (cmd, args) => [cmd, args],
-  port: () =>
-    new Promise((res, rej) => {
-      const s = createServer();
-      s.once('error', rej);
-      s.listen(0, HOST, () => {
-        const { port } = s.address();
-        s.close(() => res(port));
-      });
-    }),
+  port: () => freePort(HOST),
   async get(url, ms = 5000) {
     const res = await fetch(url, { signal: AbortSignal.timeout(ms) });
     if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
