@@ -9,7 +9,7 @@ import { devicesCommand, vapidGenerate, type CliTools } from './cli-devices.js';
 import { ConfigError, loadConfig, type Config } from './config.js';
 import { translateProxyConfig } from './import-proxy-config.js';
 import { configSecrets, createLogger } from './log.js';
-import { watchConfigFile } from './reload.js';
+import { watchConfigFile, type ReloadResult } from './reload.js';
 import { sinkPolicy, startRelay } from './relay.js';
 import { openStore, type PendingDelivery } from './store/index.js';
 import { VERSION } from './version.js';
@@ -86,7 +86,8 @@ async function serve(args: string[]) {
   const logger = createLogger(config.log, undefined, secrets);
   let relay: Awaited<ReturnType<typeof startRelay>>;
   try {
-    relay = await startRelay(config, logger);
+    // POST /admin/reload does what SIGHUP does (it needs admin.token, as every /admin path).
+    relay = await startRelay(config, logger, { reloadFromSource: () => reload('POST /admin/reload') });
   } catch (err) {
     logger.fatal({ err: (err as Error).message }, 'cannot start');
     logger.flush?.();
@@ -96,7 +97,7 @@ async function serve(args: string[]) {
 
   // A reload (interface.md): SIGHUP, or a change of the config file. The new config is read
   // and validated whole; an invalid one is refused with the key named and the old one stays.
-  const reload = (why: string) => {
+  const reload = (why: string): Promise<ReloadResult> => {
     watcher?.sync();
     let next: Config;
     try {
@@ -104,20 +105,21 @@ async function serve(args: string[]) {
     } catch (err) {
       const problems = err instanceof ConfigError ? err.problems : [(err as Error).message];
       logger.error({ trigger: why, problems }, `config reload refused, the running config stays: ${problems.join('; ')}`);
-      return;
+      return Promise.resolve({ ok: false, problems });
     }
     secrets.values = [...new Set([...secrets.values, ...configSecrets(next)])];
-    void relay.reload(next).then((result) => {
+    return relay.reload(next).then((result) => {
       if (result.ok) {
         logger.info({ trigger: why, changes: result.changes }, `config reloaded: ${result.changes.join(', ') || 'nothing changed'}`);
       } else {
         logger.error({ trigger: why, problems: result.problems }, `config reload refused, the running config stays: ${result.problems.join('; ')}`);
       }
+      return result;
     });
   };
   // Node's default for SIGHUP is to exit: a log rotation or `systemctl reload` took the relay down.
-  const watcher = file ? watchConfigFile(file, () => reload('file changed')) : undefined;
-  process.on('SIGHUP', () => reload('SIGHUP'));
+  const watcher = file ? watchConfigFile(file, () => void reload('file changed')) : undefined;
+  process.on('SIGHUP', () => void reload('SIGHUP'));
 
   let signals = 0;
   const shutdown = (signal: string) => {

@@ -23,7 +23,7 @@ import { createRefusals } from './guards.js';
 import { createMetrics, createRegistry, sinkMetrics } from './metrics.js';
 import { createOutbox, type Outbox } from './outbox.js';
 import { pairingRoutes } from './pairing.js';
-import { liveProblems } from './reload.js';
+import { liveProblems, type ReloadResult } from './reload.js';
 import { createRouter } from './route.js';
 import { memoryKv, openStore, type Store } from './store/index.js';
 import { createApp, type App } from './server.js';
@@ -31,7 +31,7 @@ import { loadTls, type TlsPair } from './tls.js';
 import { createSink } from '../sinks/index.js';
 import type { Sink } from '../sinks/types.js';
 
-export type ReloadResult = { ok: true; changes: string[] } | { ok: false; problems: string[] };
+export type { ReloadResult } from './reload.js';
 
 export type Relay = {
   /** The current generation's app (a reload replaces it). */
@@ -64,7 +64,16 @@ export function sinkPolicy(config: Config, sink: string) {
   };
 }
 
-export async function startRelay(config: Config, logger: Logger = createLogger(config.log, undefined, { values: configSecrets(config) })): Promise<Relay> {
+export type RelayOptions = {
+  /** Reads the config again and reloads it: what POST /admin/reload runs (the CLI: the config file). */
+  reloadFromSource?: () => Promise<ReloadResult>;
+};
+
+export async function startRelay(
+  config: Config,
+  logger: Logger = createLogger(config.log, undefined, { values: configSecrets(config) }),
+  options: RelayOptions = {},
+): Promise<Relay> {
   // Before anything opens: a certificate that does not load stops start-up with its path.
   const tls = config.server.tls ? loadTls(config.server.tls) : undefined;
   const store = await openStore(config.store, config.dataDir, true);
@@ -73,7 +82,7 @@ export async function startRelay(config: Config, logger: Logger = createLogger(c
 
   const sinks = new Map<string, Sink>();
   try {
-    return await assemble(config, logger, store, sinks, tls);
+    return await assemble(config, logger, store, sinks, tls, options);
   } catch (err) {
     // Nothing half-started stays behind: a relay that cannot listen still held the store's lock.
     await Promise.all([...sinks.values()].map((s) => s.close().catch(() => {})));
@@ -87,7 +96,7 @@ type Generation = { config: Config; app: App; dispatcher: Dispatcher; sinks: Map
 /** What makes two sink instances the same: their config, and what the relay gives every sink. */
 const sinkIdentity = (config: Config, name: string) => JSON.stringify([config.sinks[name], config.mattermost?.url ?? null]);
 
-async function assemble(config: Config, logger: Logger, store: Store | undefined, sinks: Map<string, Sink>, tls: TlsPair | undefined): Promise<Relay> {
+async function assemble(config: Config, logger: Logger, store: Store | undefined, sinks: Map<string, Sink>, tls: TlsPair | undefined, options: RelayOptions): Promise<Relay> {
   const kv = store ? (ns: string) => store.kv(ns) : memoryKv();
   const registry = createRegistry();
   const devices = createDeviceRegistry(kv('devices'));
@@ -125,7 +134,17 @@ async function assemble(config: Config, logger: Logger, store: Store | undefined
   function generation(cfg: Config, genSinks: Map<string, Sink>): Generation {
     const list = [...genSinks.values()];
     const dispatcher = createDispatcher({ policy, dedup, deadTokens, metrics, outbox });
-    const app = createApp({ config: cfg, sinks: list, router: createRouter(cfg.routes, genSinks), dispatcher, metrics, logger, refusals, pairing });
+    const app = createApp({
+      config: cfg,
+      sinks: list,
+      router: createRouter(cfg.routes, genSinks),
+      dispatcher,
+      metrics,
+      logger,
+      refusals,
+      pairing,
+      reload: options.reloadFromSource,
+    });
     return { config: cfg, app, dispatcher, sinks: genSinks };
   }
   policies = new Map([...sinks.keys()].map((name) => [name, sinkPolicy(config, name)]));

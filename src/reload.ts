@@ -7,6 +7,9 @@ import { readFileSync, watch, type FSWatcher } from 'node:fs';
 import { basename, dirname, resolve } from 'node:path';
 import type { Config } from './config.js';
 
+/** What a reload came to: what changed, or why the running config stays. */
+export type ReloadResult = { ok: true; changes: string[] } | { ok: false; problems: string[] };
+
 /** Keys fixed for the life of the process, and why (the log line says both). */
 const FIXED: ReadonlyArray<readonly [string, (c: Config) => unknown, string]> = [
   ['server.host', (c) => c.server.host, 'the listening socket'],

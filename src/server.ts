@@ -22,6 +22,7 @@ import { fastNotification, parseBody, PushAckSchema, PushNotificationSchema, sho
 import { replyFor, type Dispatcher } from './dispatch.js';
 import { adminGuard, clientResolver, createGuards, payloadProblem, type ApiAnswer, type ApiRequest, type Caller, type Endpoint, type Guard, type Refusals } from './guards.js';
 import type { Metrics } from './metrics.js';
+import type { ReloadResult } from './reload.js';
 import type { Router } from './route.js';
 import { createSignatureCheck } from './signatures.js';
 import { VERSION } from './version.js';
@@ -38,6 +39,8 @@ export type AppDeps = {
   pairing?: Hono<any>; // eslint-disable-line @typescript-eslint/no-explicit-any -- its own Bindings
   /** Counts and logs refused requests; shared by every app a reload builds. */
   refusals: Refusals;
+  /** Reads the config again and reloads it (POST /admin/reload); absent: the endpoint says there is nothing to reload from. */
+  reload?: () => Promise<ReloadResult>;
 };
 
 export type { ApiAnswer, ApiRequest, Endpoint, Guard } from './guards.js';
@@ -50,7 +53,7 @@ export type App = Hono & {
   push(n: PushNotification): Promise<PushResponse>;
 };
 
-export function createApp({ config, sinks, router, dispatcher, metrics, logger, refusals, pairing }: AppDeps): App {
+export function createApp({ config, sinks, router, dispatcher, metrics, logger, refusals, pairing, reload }: AppDeps): App {
   const base = config.server.basePath;
   const limit = config.server.bodyLimit;
   const paths = new Map<string, Endpoint>([
@@ -231,6 +234,13 @@ export function createApp({ config, sinks, router, dispatcher, metrics, logger, 
       },
     }),
   );
+  // As SIGHUP does, for an operator or a deploy tool that reaches the relay over HTTP only:
+  // 200 with what changed, or 422 with why the running config stays.
+  app.post('/admin/reload', async (c) => {
+    if (!reload) return c.json({ ok: false, problems: ['this relay was started without a config source to read again'] }, 409);
+    const result = await reload();
+    return c.json(result, result.ok ? 200 : 422);
+  });
   app.get('/metrics', async (c) => c.body(await metrics.registry.metrics(), 200, { 'Content-Type': metrics.registry.contentType }));
   app.notFound((c) => c.text(`not found: ${c.req.method} ${c.req.path}`, 404));
   app.onError((err, c) => {

@@ -216,6 +216,34 @@ describe('Relay.reload, in process', () => {
     expect((await post(`${relay.url}/api/v1/send_push`, body)).json).toEqual({ status: 'OK' });
   });
 
+  it('POST /admin/reload does what SIGHUP does, behind admin.token: 200 with the changes, 422 naming the key', async () => {
+    const dir = tempDir('push-relay-admin-reload-');
+    const file = join(dir, 'config.json');
+    const TOKEN = 'admin-reload-token-0123456789';
+    const base = { admin: { token: TOKEN }, store: 'none', sinks: { a: { type: 'log' } } };
+    writeFileSync(file, JSON.stringify(base));
+    const proc = await spawnRelay({ args: ['serve', '--config', file] });
+    try {
+      const reloadNow = (token?: string) => post(`${proc.url}/admin/reload`, '', { headers: token ? { Authorization: `Bearer ${token}` } : {} });
+      expect((await reloadNow()).status).toBe(401);
+      writeFileSync(file, JSON.stringify({ ...base, sinks: { a: { type: 'log' }, b: { type: 'log', level: 'warn' } } }));
+      const ok = await reloadNow(TOKEN);
+      expect(ok.status).toBe(200);
+      expect(ok.json).toMatchObject({ ok: true });
+      const status = await fetch(`${proc.url}/admin/status`, { headers: { Authorization: `Bearer ${TOKEN}` } });
+      expect(Object.keys(((await status.json()) as { sinks: Record<string, unknown> }).sinks)).toEqual(['a', 'b']);
+      writeFileSync(file, JSON.stringify({ ...base, sinks: { a: { type: 'log', level: 'loud' } } }));
+      const refused = await reloadNow(TOKEN);
+      expect(refused.status).toBe(422);
+      expect((refused.json as { ok: boolean; problems: string[] }).problems.join('\n')).toMatch(/sinks\.a\.level/);
+      // The running config stays.
+      const after = await fetch(`${proc.url}/admin/status`, { headers: { Authorization: `Bearer ${TOKEN}` } });
+      expect(Object.keys(((await after.json()) as { sinks: Record<string, unknown> }).sinks)).toEqual(['a', 'b']);
+    } finally {
+      await proc.stop();
+    }
+  });
+
   it('serves the pairing page of the new config: a new VAPID key and Mattermost URL reach the page at once', async () => {
     const webpush = (keys: { publicKey: string; privateKey: string }) => ({ type: 'webpush', vapid: { ...keys, subject: 'mailto:ops@example.com' } });
     const [k1, k2] = [webPush.generateVAPIDKeys(), webPush.generateVAPIDKeys()];
