@@ -9,6 +9,7 @@
 // is counted as `other`, so a stray value cannot grow the series without bound.
 import { PUSH_TYPES, parsePlatform, type PushNotification } from '../src/contract.js';
 import type { Counter } from 'prom-client';
+import { tally, type Tally } from '../src/metrics.js';
 import type { SinkMetrics } from './types.js';
 
 export type ProxyPlatform = 'android' | 'apple';
@@ -22,50 +23,30 @@ export type ProxyMetrics = {
   start(n: PushNotification, transport: ProxyTransport): (result: ProxyResult) => void;
 };
 
-type Cell = { labels: string[]; n: number };
 /**
- * Per counter, increments kept as plain numbers per label set and handed to prom-client when
- * scraped: its inc() hashes the labels on every call, and each push counts in four series
- * (~3% of the relay's CPU at 3 500 pushes/s). Keyed by the counter, so that the sinks sharing
- * a series (get-or-create) share its tally too, whichever of them registered it.
+ * Each counter's tally (src/metrics.ts: plain numbers handed to prom-client on scrape; each push
+ * counts in four series, ~3% of the relay's CPU at 3 500 pushes/s through prom-client's inc()).
+ * Keyed by the counter, so that the sinks sharing a series (get-or-create) share its tally too,
+ * whichever of them registered it.
  */
-const tallies = new WeakMap<object, Map<string, Cell>>();
+const tallies = new WeakMap<object, Tally>();
 
-function flush(counter: Counter<string>) {
-  for (const cell of tallies.get(counter)?.values() ?? []) {
-    if (cell.n === 0) continue;
-    counter.labels(...cell.labels).inc(cell.n);
-    cell.n = 0;
-  }
-}
-
-type Tallied = {
-  /** One more in the series of these labels, e.g. `inc('android', 'message', '')`. */
-  inc(...labels: string[]): void;
+type Tallied = Pick<Tally, 'inc'> & {
   /** Makes the series exist at 0 (STYLE.md §7). */
   zero(...labels: string[]): void;
 };
 
-/** A counter of `m`'s, counted through a tally. */
+/** A counter of `m`'s, counted through its tally. */
 function tallied(m: SinkMetrics, c: { name: string; help: string; labelNames: readonly string[] }): Tallied {
   const counter = m.counter({
     ...c,
     collect(this: Counter<string>) {
-      flush(this);
+      tallies.get(this)?.flush();
     },
   });
-  let cells = tallies.get(counter);
-  if (!cells) tallies.set(counter, (cells = new Map()));
-  const byKey = cells;
-  return {
-    inc(...labels) {
-      const key = labels.join('\u0000');
-      let cell = byKey.get(key);
-      if (!cell) byKey.set(key, (cell = { labels, n: 0 }));
-      cell.n++;
-    },
-    zero: (...labels) => counter.labels(...labels).inc(0),
-  };
+  let t = tallies.get(counter);
+  if (!t) tallies.set(counter, (t = tally(counter, c.labelNames.length as 1 | 2 | 3 | 4)));
+  return { inc: t.inc, zero: (...labels) => counter.labels(...labels).inc(0) };
 }
 
 export function proxyMetrics(m: SinkMetrics, platform: ProxyPlatform): ProxyMetrics {

@@ -238,20 +238,33 @@ function sinkHistogram(name: string, help: string, sinkNames: readonly string[])
 
 type Cell = { labels: string[]; n: number };
 
-/** Increments kept as plain numbers per label combination, flushed into `counter` on scrape. */
-function tally(counter: Counter<string>, arity: 1 | 2 | 3) {
-  const index = new Map<string, Map<string, Map<string, Cell>>>();
+export type Tally = {
+  /** One more in the series of these label values (as many as the counter has, up to four). */
+  inc(a: string, b?: string, c?: string, d?: string): void;
+  /** Hands the counts to the counter: call it from the counter's `collect`. */
+  flush(): void;
+};
+
+/**
+ * Increments kept as plain numbers per label combination, flushed into `counter` on scrape
+ * (prom-client's inc() hashes the labels on every call). Nested maps, not a joined key: the
+ * hot path allocates nothing.
+ */
+export function tally(counter: Counter<string>, arity: 1 | 2 | 3 | 4): Tally {
+  const index = new Map<string, Map<string, Map<string, Map<string, Cell>>>>();
   const cells: Cell[] = [];
   return {
-    inc(a: string, b = '', c = '') {
+    inc(a, b = '', c = '', d = '') {
       let byB = index.get(a);
       if (!byB) index.set(a, (byB = new Map()));
       let byC = byB.get(b);
       if (!byC) byB.set(b, (byC = new Map()));
-      let cell = byC.get(c);
+      let byD = byC.get(c);
+      if (!byD) byC.set(c, (byD = new Map()));
+      let cell = byD.get(d);
       if (!cell) {
-        cell = { labels: [a, b, c].slice(0, arity), n: 0 };
-        byC.set(c, cell);
+        cell = { labels: [a, b, c, d].slice(0, arity), n: 0 };
+        byD.set(d, cell);
         cells.push(cell);
       }
       cell.n++;
