@@ -27,7 +27,7 @@ export type H2Client = {
   /** Closes the current connection gracefully (APNs' `Shutdown` answer); the next request opens another. */
   retire(): void;
   connected(): boolean;
-  /** Why the last connection or request failed, until one succeeds. */
+  /** Why the last connection or request failed; cleared by the next success. */
   lastError(): string | undefined;
   close(): Promise<void>;
 };
@@ -233,23 +233,21 @@ export function createH2Client({ host, label, log, tls, streamTimeoutMs = STREAM
     });
   }
 
-  function failed(error: string): H2Failure {
-    lastError = error;
-    return { error };
-  }
-
   function request(headers: OutgoingHttpHeaders, body: string, signal: AbortSignal, again = true): Promise<H2Answer | H2Failure> {
     const c = conn;
     // The common case: a live connection with a free stream, no promise before the stream opens.
-    const sent =
+    const sent: Promise<H2Answer | H2Failure> =
       usable(c) && c.active < limit(c) && !signal.aborted
         ? (c.active++, post(c, headers, body))
         : slot(signal).then(
-            (got) => got ? post(got, headers, body) : closed ? failed(`${label} client closed`) : { error: `no ${label} stream free before the deadline`, deadline: true },
-            (err: Error) => failed(err.message),
+            (got) => (got ? post(got, headers, body) : closed ? { error: `${label} client closed` } : { error: `no ${label} stream free before the deadline`, deadline: true }),
+            (err: Error) => ({ error: err.message }),
           );
     return sent.then((a) => {
-      if (!('error' in a)) return a;
+      if (!('error' in a)) {
+        lastError = undefined;
+        return a;
+      }
       // The provider never saw it: straight onto a new connection, once.
       if (a.refused && again && !signal.aborted) return request(headers, body, signal, false);
       if (!a.deadline) lastError = a.error;
