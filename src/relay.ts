@@ -128,8 +128,7 @@ async function assemble(config: Config, logger: Logger, store: Store | undefined
   const vapidOf = (list: Iterable<Sink>) => [...list].find((s) => s.vapidPublicKey)?.vapidPublicKey;
   const makePairing = (cfg: Config, vapidPublicKey: string | undefined) =>
     pairingRoutes({ config: cfg, devices, logger, vapidPublicKey, deliverTest: (token) => current.app.push(testPush(token)) });
-  let pairingVapid = vapidOf(sinkList);
-  let pairing = makePairing(config, pairingVapid);
+  let pairing = makePairing(config, vapidOf(sinkList));
 
   function generation(cfg: Config, genSinks: Map<string, Sink>): Generation {
     const list = [...genSinks.values()];
@@ -197,11 +196,11 @@ async function assemble(config: Config, logger: Logger, store: Store | undefined
     for (const name of Object.keys(next.sinks)) nextSinks.set(name, (built.get(name) ?? old.sinks.get(name)) as Sink);
 
     const changes: string[] = [];
+    // The page serving now was built from the old generation's sinks and config.
     const nextVapid = vapidOf(nextSinks.values());
     const oldPairing = pairing;
-    if (nextVapid !== pairingVapid || JSON.stringify(old.config.mattermost) !== JSON.stringify(next.mattermost)) {
+    if (nextVapid !== vapidOf(old.sinks.values()) || JSON.stringify(old.config.mattermost) !== JSON.stringify(next.mattermost)) {
       pairing = makePairing(next, nextVapid);
-      pairingVapid = nextVapid;
       changes.push('pairing page');
     }
 

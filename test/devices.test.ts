@@ -139,7 +139,7 @@ describe.each(backends.filter((b) => b.name === 'SQLite' || postgres))('the devi
     const other = await reopen();
     opened.push(other);
     const second = createDeviceRegistry(other.kv('devices'));
-    const d = await devices.add({ label: 'shared', targets: { webpush: [] } });
+    const d = await devices.add({ label: 'two instances', targets: { webpush: [] } });
     const adds = Array.from({ length: 20 }, (_, i) =>
       (i % 2 ? second : devices).update(d.token, (x) => ({ ...x, targets: { webpush: [...(x.targets.webpush ?? []), subscription(100 + i)] } })),
     );

@@ -172,7 +172,7 @@ describe('digest', () => {
     const smtp = await startSmtpServer();
     const relays = [await relayFor(smtp, { digest: '500ms' }, { store }), await relayFor(smtp, { digest: '500ms' }, { store })];
     // Each relay gets pushes for the same recipient at the same moment: both run a timer for it.
-    const lines = Array.from({ length: 6 }, (_, i) => `shared digest line ${i}`);
+    const lines = Array.from({ length: 6 }, (_, i) => `digest line across relays ${i}`);
     await Promise.all(lines.map((message, i) => push(relays[i % 2]!.url, fresh({ message }))));
     await smtp.waitForMails(1, 3000);
     await sleep(1500);
