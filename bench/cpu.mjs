@@ -61,8 +61,8 @@ async function main() {
   writeFileSync(join(tmp, 'mosquitto.conf'), `listener ${mqttPort} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\n`);
   run('/usr/sbin/mosquitto', ['-c', join(tmp, 'mosquitto.conf')]);
   await sleep(300);
-  const server = NAIVE ? [join(ROOT, process.env.NAIVE_FILE ?? 'bench/naive.mjs'), '127.0.0.1', String(httpPort), String(mqttPort)] : [join(RELAY_DIR, 'dist/src/cli.js'), 'serve'];
-  const nodeArgs = [...(NAIVE ? [] : [`--max-semi-space-size=${process.env.SEMI ?? 8}`]), ...(PROF ? ['--cpu-prof', '--cpu-prof-dir', tmp] : []), ...server];
+  const server = NAIVE ? [join(ROOT, 'bench/naive.mjs'), '127.0.0.1', String(httpPort), String(mqttPort)] : [join(RELAY_DIR, 'dist/src/cli.js'), 'serve'];
+  const nodeArgs = [...(NAIVE ? [] : ['--max-semi-space-size=8']), ...(PROF ? ['--cpu-prof', '--cpu-prof-dir', tmp] : []), ...server];
   const relay = run(process.execPath, nodeArgs, {
     cwd: tmp,
     env: {
